@@ -1,0 +1,112 @@
+"""The `embindex` command line: parsing and exit codes only; the work happens in the stage modules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.config import Config, ConfigError, load_config
+from pipeline.run import EXIT_FAILED, EXIT_LOCKED, EXIT_USAGE
+
+log = logging.getLogger("embindex")
+
+
+def _load(config_path: str, overrides: tuple[str, ...]) -> Config:
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as exc:
+        click.echo(f"embindex: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="embindex")
+def main() -> None:
+    """Index folders of images into a searchable embedding table."""
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (YAML value).")
+@click.option("--rebuild", is_flag=True, help="Drop the index and re-embed everything (needed after a model change).")
+@click.option("--retry-errors", is_flag=True, help="Try files recorded in images_errors again, even if unchanged.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary line; warnings and errors only.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def run(config_path: str, overrides: tuple[str, ...], rebuild: bool, retry_errors: bool, quiet: bool,
+        verbose: bool) -> None:
+    """Index the folder(s) in CONFIG; resumes and updates incrementally."""
+    _setup_logging(quiet, verbose)
+    config = _load(config_path, overrides)
+    from pipeline.encoders import ModelLoadError
+    from pipeline.lock import LockHeld
+    from pipeline.run import run_index
+
+    try:
+        result = run_index(config, rebuild=rebuild, retry_errors=retry_errors, progress=False if quiet else None)
+    except ConfigError as exc:
+        click.echo(f"embindex: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except LockHeld as exc:
+        click.echo(f"embindex: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
+    except ModelLoadError as exc:
+        click.echo(f"embindex: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    except MemoryError:
+        click.echo("embindex: out of host memory; lower decode.workers or encoder.batch_size", err=True)
+        sys.exit(EXIT_FAILED)
+    except OSError as exc:
+        click.echo(f"embindex: run failed: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    except RuntimeError as exc:  # CUDA out of memory arrives as a RuntimeError subclass
+        click.echo(f"embindex: run failed: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    report = result.report
+    if not quiet:
+        click.echo(
+            f"embindex: {report['images_embedded']} embedded, {sum(report['errors'].values())} errors, "
+            f"{report['files_unchanged']} unchanged, {report['files_deleted']} deleted in {report['wall_s']:.1f} s "
+            f"({report['images_per_s']:.1f} images/s); {report['output_rows']} rows; report: {result.report_dir}"
+        )
+    if result.exit_code:
+        click.echo(
+            f"embindex: error rate {report['error_rate']:.1%} exceeds run.max_error_rate "
+            f"{config.run.max_error_rate:.1%}", err=True,
+        )
+    sys.exit(result.exit_code)
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json instead of report.md.")
+def report(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the latest run's report."""
+    from pipeline.report import latest_report
+
+    config = _load(config_path, overrides)
+    folder = latest_report(config.run.report_dir)
+    if folder is None:
+        click.echo(f"embindex: no run report in {config.run.report_dir} yet", err=True)
+        sys.exit(EXIT_FAILED)
+    name = "report.json" if as_json else "report.md"
+    click.echo(Path(folder, name).read_text().rstrip())
+
+
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Load, override and validate the YAML run config; every error names its key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"]
+
+
+class ConfigError(Exception):
+    """A bad config: the message names the key and the problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InputConfig(_Strict):
+    root: list[str]
+    extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
+    include_hidden: bool = False
+    follow_symlinks: bool = False
+
+    @field_validator("root", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str]) -> list[str]:
+        return sorted({ext.lower().lstrip(".") for ext in value})
+
+
+class DecodeConfig(_Strict):
+    workers: Literal["auto"] | int = "auto"
+    max_image_pixels: int = Field(100_000_000, gt=0)
+    timeout_s: float = Field(60.0, gt=0)  # per file; a hung decoder is killed and recorded
+    jpeg_draft: bool = True  # let libjpeg downscale by 1/2..1/8 while decoding large JPEGs
+
+    @field_validator("workers")
+    @classmethod
+    def _positive(cls, value: Any) -> Any:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be 'auto' or a whole number >= 1")
+        return value
+
+
+class EncoderConfig(_Strict):
+    model: str = "openai/clip-vit-base-patch32"
+    revision: str | None = None
+    kind: Literal["auto", "clip", "siglip", "siglip2", "dinov2"] = "auto"
+    device: Literal["auto", "cuda", "mps", "cpu"] | str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(64, ge=1)
+
+
+class LanceOutput(_Strict):
+    uri: str = "./index"
+    table: str = "images"
+
+
+class ParquetOutput(_Strict):
+    dir: str = "./embeddings"
+
+
+class OutputConfig(_Strict):
+    lancedb: LanceOutput | None = Field(default_factory=LanceOutput)
+    parquet: ParquetOutput | None = None
+
+
+class RunConfig(_Strict):
+    report_dir: str = "./runs"
+    max_error_rate: float = Field(0.05, ge=0, le=1)
+    shard_size: int = Field(1024, ge=1)  # files per commit: a kill loses at most the shards in flight
+
+
+class Config(_Strict):
+    input: InputConfig
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    config_path: str | None = Field(None, exclude=True)
+
+    @property
+    def roots(self) -> list[Path]:
+        return [Path(r) for r in self.input.root]
+
+    @property
+    def index_dir(self) -> Path:
+        """Where the lock and the index's own metadata live: the first configured sink."""
+        if self.output.lancedb is not None:
+            return Path(self.output.lancedb.uri)
+        return Path(self.output.parquet.dir)  # type: ignore[union-attr]
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one `--set dotted.key=value` (value parsed as YAML) to the raw config dict."""
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. encoder.batch_size=32")
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _resolve(base: Path, path: str) -> str:
+    expanded = os.path.expanduser(path)
+    return str(expanded if os.path.isabs(expanded) else (base / expanded).resolve())
+
+
+def _looks_local(model: str, base: Path) -> bool:
+    return model.startswith((".", "/", "~")) or (base / model).is_dir()
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        key = ".".join(str(p) for p in problem["loc"] if not isinstance(p, int) or len(problem["loc"]) == 1)
+        kind = problem["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        elif kind == "missing":
+            lines.append(f"{key}: required key is missing")
+        else:
+            lines.append(f"{key}: {problem['msg']} (got {problem.get('input')!r})")
+    return "; ".join(dict.fromkeys(lines))
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read CONFIG, apply --set overrides, validate, and resolve paths against the file's folder."""
+    config_path = Path(path)
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {config_path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        config = Config(**raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+    except TypeError as exc:  # a section given as a scalar, e.g. `decode: 4`
+        raise ConfigError(str(exc)) from None
+    if config.output.lancedb is None and config.output.parquet is None:
+        raise ConfigError("output: configure at least one sink (output.lancedb or output.parquet)")
+
+    base = config_path.resolve().parent
+    config.config_path = str(config_path.resolve())
+    config.input.root = [_resolve(base, r) for r in config.input.root]
+    for index, root in enumerate(config.input.root):
+        if not os.path.isdir(root):
+            key = "input.root" if len(config.input.root) == 1 else f"input.root[{index}]"
+            raise ConfigError(f"{key}: folder does not exist: {root}")
+    if config.output.lancedb is not None:
+        config.output.lancedb.uri = _resolve(base, config.output.lancedb.uri)
+    if config.output.parquet is not None:
+        config.output.parquet.dir = _resolve(base, config.output.parquet.dir)
+    config.run.report_dir = _resolve(base, config.run.report_dir)
+    if _looks_local(config.encoder.model, base):
+        config.encoder.model = _resolve(base, config.encoder.model)
+    return config

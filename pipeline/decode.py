@@ -1,0 +1,176 @@
+"""Turn one image file into the encoder's uint8 pixels, or a readable reason why not (runs in workers)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# We check the pixel count ourselves (with a readable reason); PIL's own guard would raise first.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+ORIENTATION_TAG = 0x0112
+BACKGROUND = (255, 255, 255)  # transparent pixels become white, as Hugging Face's convert_rgb does
+# Draft (DCT-domain) downscaling is asked only down to twice the target size, so the final
+# bicubic resize still sees enough pixels to antialias: 12 MP -> ~1 MP instead of 12.
+DRAFT_OVERSAMPLE = 2
+
+
+class DecodeError(Exception):
+    """A file that cannot become pixels; the message is the reason stored in images_errors."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the encoder wants from the decoder, read off the model's own image processor."""
+
+    resize: Literal["shortest_edge", "exact"]
+    size: tuple[int, int]  # (shortest_edge, shortest_edge) or (height, width)
+    crop: tuple[int, int] | None  # (height, width) center crop after resizing
+    resample: int = Image.Resampling.BICUBIC
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        height, width = self.crop if self.crop is not None else self.size
+        return height, width, 3
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # uint8, (H, W, 3)
+    width: int  # of the original image, after EXIF orientation
+    height: int
+    content_hash: str
+    decode_s: float = 0.0
+    info: dict[str, str] = field(default_factory=dict)
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _open(data: bytes, max_image_pixels: int) -> Image.Image:
+    if not data:
+        raise DecodeError("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise DecodeError("not an image") from None
+    except Image.DecompressionBombError as exc:  # raised by some plugins even with the guard off
+        raise DecodeError(f"too many pixels: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise DecodeError(f"unreadable image header: {exc}") from None
+    pixels = image.width * image.height
+    if pixels > max_image_pixels:
+        raise DecodeError(f"too many pixels: {pixels} > {max_image_pixels}")
+    return image
+
+
+def _load(image: Image.Image) -> None:
+    try:
+        image.load()
+    except OSError as exc:
+        if "truncated" in str(exc) or "broken data stream" in str(exc):
+            raise DecodeError("truncated file") from None
+        raise DecodeError(f"corrupt image data: {exc}") from None
+    except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise DecodeError(f"corrupt image data: {exc}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited onto BACKGROUND."""
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        array = np.asarray(image)
+        # 16-bit data (I;16*, or I holding 0..65535) is scaled, not clipped, to 8 bits.
+        if mode.startswith("I;16") or (mode == "I" and array.max(initial=0) > 255):
+            array = array.astype(np.float32) / 257.0
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+        mode = "L"
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def _resized_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
+    """(width, height) after resizing, with the same rounding as transformers' resize helpers."""
+    if spec.resize == "exact":
+        return spec.size[1], spec.size[0]
+    short_target = spec.size[0]
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(short_target * long / short)
+    return (short_target, new_long) if width <= height else (new_long, short_target)
+
+
+def _resize_and_crop(image: Image.Image, spec: InputSpec) -> Image.Image:
+    new_w, new_h = _resized_size(image.width, image.height, spec)
+    if spec.crop is None:
+        return image.resize((new_w, new_h), spec.resample)
+    crop_h, crop_w = spec.crop
+    top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+    if top < 0 or left < 0:  # a crop larger than the resized image: pad as HF does (zeros, centered)
+        resized = image.resize((new_w, new_h), spec.resample)
+        canvas = Image.new("RGB", (max(new_w, crop_w), max(new_h, crop_h)))
+        canvas.paste(resized, ((canvas.width - new_w) // 2, (canvas.height - new_h) // 2))
+        image, new_w, new_h = canvas, canvas.width, canvas.height
+        top, left = (new_h - crop_h) // 2, (new_w - crop_w) // 2
+        return image.crop((left, top, left + crop_w, top + crop_h))
+    if new_w * new_h > 4 * crop_w * crop_h:
+        # Extreme aspect ratios (4000x8 -> 112000x224) would allocate a huge intermediate:
+        # resize only the source region that the crop keeps.
+        sx, sy = image.width / new_w, image.height / new_h
+        box = (left * sx, top * sy, (left + crop_w) * sx, (top + crop_h) * sy)
+        return image.resize((crop_w, crop_h), spec.resample, box=box)
+    return image.resize((new_w, new_h), spec.resample).crop((left, top, left + crop_w, top + crop_h))
+
+
+def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool = True) -> DecodedImage:
+    """Decode, orient, convert and resize one image held in memory."""
+    started = time.perf_counter()
+    digest = content_hash(data)
+    image = _open(data, max_image_pixels)
+    orientation = image.getexif().get(ORIENTATION_TAG, 1) if image.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
+    width, height = image.size
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    if jpeg_draft and image.format == "JPEG":
+        want = DRAFT_OVERSAMPLE * max(spec.size)
+        image.draft(None, (want, want))
+    _load(image)
+    if orientation != 1:
+        image = ImageOps.exif_transpose(image)
+    pixels = np.asarray(_resize_and_crop(_to_rgb(image), spec), dtype=np.uint8)
+    return DecodedImage(pixels, width, height, digest, time.perf_counter() - started)
+
+
+def decode_file(path: str, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool = True) -> DecodedImage:
+    """Read and decode one file; every failure is a DecodeError with a readable reason."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise DecodeError("file vanished before it was read") from None
+    except OSError as exc:
+        raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    try:
+        return decode_bytes(data, spec, max_image_pixels, jpeg_draft)
+    except DecodeError:
+        raise
+    except MemoryError:
+        raise DecodeError("out of memory while decoding") from None
+    except Exception as exc:  # PIL raises many types on hostile input; none may stop the run
+        if isinstance(exc, OSError) and "truncated" in str(exc):  # some plugins load lazily
+            raise DecodeError("truncated file") from None
+        raise DecodeError(f"decode error: {type(exc).__name__}: {exc}") from None

@@ -1,0 +1,138 @@
+"""The Encoder protocol, device/dtype choice, and the shared Hugging Face single-vector encoder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.decode import InputSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Encoder(Protocol):
+    name: str  # model id (+ revision)
+    kind: str
+    dim: int
+    multivector: bool
+    device: torch.device
+    dtype: torch.dtype
+
+    def input_spec(self) -> InputSpec: ...
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on any device -> L2-normalised float32 (B, dim) on the model's device."""
+        ...
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return DTYPES[requested]
+    return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
+
+
+def fingerprint_id(fingerprint: dict[str, Any]) -> str:
+    """A short stable id of everything that decides the vectors: a change means a new index."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def input_spec_from_processor(processor: Any) -> InputSpec:
+    """Read the resize/crop/normalise policy off a Hugging Face image processor."""
+    size = dict(processor.size)
+    if "shortest_edge" in size:
+        resize, target = "shortest_edge", (size["shortest_edge"], size["shortest_edge"])
+    elif "height" in size and "width" in size:
+        resize, target = "exact", (size["height"], size["width"])
+    else:
+        raise ValueError(f"unsupported image processor size policy: {size}")
+    crop = None
+    if getattr(processor, "do_center_crop", False):
+        crop_size = dict(processor.crop_size)
+        crop = (crop_size["height"], crop_size["width"])
+    elif resize == "shortest_edge":
+        raise ValueError("a shortest-edge resize without a center crop gives images of many sizes")
+    resample = getattr(processor, "resample", 3)
+    return InputSpec(
+        resize=resize,
+        size=target,
+        crop=crop,
+        resample=int(getattr(resample, "value", resample)),
+        mean=tuple(float(m) for m in processor.image_mean),
+        std=tuple(float(s) for s in processor.image_std),
+        rescale_factor=float(getattr(processor, "rescale_factor", 1 / 255)),
+    )
+
+
+class HFSingleVectorEncoder:
+    """A Hugging Face vision(-text) model giving one vector per image; families override _image_features."""
+
+    multivector = False
+
+    def __init__(self, model: torch.nn.Module, processor: Any, tokenizer: Any, name: str, kind: str,
+                 device: torch.device, dtype: torch.dtype, revision_hash: str | None) -> None:
+        self.model = model.eval()
+        self.processor, self.tokenizer = processor, tokenizer
+        self.name, self.kind, self.device, self.dtype = name, kind, device, dtype
+        self.revision_hash = revision_hash
+        self._spec = input_spec_from_processor(processor)
+        # Normalisation runs on the device: (x * rescale - mean) / std == x * scale + shift
+        mean = torch.tensor(self._spec.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self._spec.std, device=device).view(1, 3, 1, 1)
+        self._scale = self._spec.rescale_factor / std
+        self._shift = -mean / std
+        height, width, _ = self._spec.output_shape
+        with torch.inference_mode():
+            probe = torch.zeros((1, height, width, 3), dtype=torch.uint8)
+            self.dim = int(self.encode_images(probe).shape[-1])
+
+    def input_spec(self) -> InputSpec:
+        return self._spec
+
+    def _image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _text_features(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError(f"{self.kind} models have no text tower: query by image instead")
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        x = (x * self._scale + self._shift).to(self.dtype)
+        return F.normalize(self._image_features(x).float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        return F.normalize(self._text_features(texts).float(), dim=-1).cpu().numpy()
+
+    def fingerprint(self) -> dict[str, Any]:
+        spec = self._spec
+        return {
+            "model": self.name,
+            "revision": self.revision_hash,
+            "kind": self.kind,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "dim": self.dim,
+            "preprocess": {
+                "resize": spec.resize, "size": list(spec.size), "crop": list(spec.crop or []),
+                "resample": spec.resample, "mean": list(spec.mean), "std": list(spec.std),
+            },
+        }

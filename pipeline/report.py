@@ -1,0 +1,125 @@
+"""Run statistics and memory probes, written as report.json and report.md."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+log = logging.getLogger(__name__)
+
+SAMPLE_EVERY_S = 0.1
+
+
+class MemoryProbe:
+    """Samples host RSS (this process plus its children) and NVML GPU memory in a thread; keeps the peaks."""
+
+    def __init__(self, gpu_index: int | None = None) -> None:
+        self.peak_host_rss_mb = 0.0
+        self.peak_main_rss_mb = 0.0
+        self.peak_workers_rss_mb = 0.0
+        self.peak_nvml_used_mb: float | None = None
+        self._stop = threading.Event()
+        self._nvml_handle = self._open_nvml(gpu_index) if gpu_index is not None else None
+        self._thread = threading.Thread(target=self._loop, name="memory-probe", daemon=True)
+
+    @staticmethod
+    def _open_nvml(gpu_index: int) -> Any:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            return pynvml.nvmlDeviceGetHandleByIndex(gpu_index)
+        except Exception:  # no driver, no library: NVML is optional
+            return None
+
+    def _sample(self) -> None:
+        main = psutil.Process()
+        main_rss = main.memory_info().rss
+        workers_rss = 0
+        for child in main.children(recursive=True):
+            try:
+                workers_rss += child.memory_info().rss
+            except psutil.Error:
+                pass
+        mb = 1024 * 1024
+        self.peak_main_rss_mb = max(self.peak_main_rss_mb, main_rss / mb)
+        self.peak_workers_rss_mb = max(self.peak_workers_rss_mb, workers_rss / mb)
+        self.peak_host_rss_mb = max(self.peak_host_rss_mb, (main_rss + workers_rss) / mb)
+        if self._nvml_handle is not None:
+            import pynvml
+
+            used = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used / mb
+            self.peak_nvml_used_mb = max(self.peak_nvml_used_mb or 0.0, used)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(SAMPLE_EVERY_S):
+            try:
+                self._sample()
+            except psutil.Error:
+                pass
+
+    def __enter__(self) -> MemoryProbe:
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    errors = report.get("errors") or {}
+    stage = report.get("stage_s", {})
+    lines = [
+        f"# embindex run {report['run_id']}",
+        "",
+        f"- model: `{report['model']}` on {report['device']} ({report.get('gpu_name') or 'no GPU'}), "
+        f"batch size {report['batch_size']}",
+        f"- started {report['started_at']}, finished {report['finished_at']}, wall {report['wall_s']:.1f} s",
+        f"- files: {report['files_scanned']} scanned, {report['files_new']} new, {report['files_changed']} changed, "
+        f"{report['files_deleted']} deleted, {report['files_unchanged']} unchanged",
+        f"- embedded {report['images_embedded']} images at {report['images_per_s']:.1f} images/s; "
+        f"{sum(errors.values())} errors",
+        "",
+        "| Batch Size | Peak VRAM (allocated) | Peak VRAM (reserved) | Peak host RSS | Processing Time | Images/s |",
+        "|---|---|---|---|---|---|",
+        f"| {report['batch_size']} | {report['peak_vram_allocated_mb']:.0f} MB | {report['peak_vram_reserved_mb']:.0f} MB "
+        f"| {report['peak_host_rss_mb']:.0f} MB | {report['wall_s']:.1f} s | {report['images_per_s']:.1f} |",
+        "",
+        "| Stage | Seconds |",
+        "|---|---|",
+        *[f"| {name} | {seconds:.2f} |" for name, seconds in stage.items()],
+    ]
+    if errors:
+        lines += ["", "| Error | Files |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(errors.items())]]
+    lines += ["", f"Output: {report['output_rows']} rows, {report['storage_bytes'] / 1e6:.1f} MB on disk."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report_dir: str, report: dict[str, Any]) -> Path:
+    folder = Path(report_dir) / report["run_id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.md", format_markdown(report))):
+        temporary = folder / (name + ".tmp")
+        temporary.write_text(text)
+        os.replace(temporary, folder / name)
+    return folder
+
+
+def latest_report(report_dir: str) -> Path | None:
+    """The newest run's folder (run ids sort by time)."""
+    folders = sorted(p for p in Path(report_dir).glob("*") if (p / "report.json").exists())
+    return folders[-1] if folders else None
+
+
+def elapsed(since: float) -> float:
+    return time.perf_counter() - since

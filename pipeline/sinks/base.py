@@ -1,0 +1,61 @@
+"""The Sink protocol: where committed rows live, idempotent by (root, path)."""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+Which = Literal["images", "errors"]
+EXISTING_IMAGE_COLUMNS = ["root", "path", "size_bytes", "mtime_ns", "content_hash"]
+EXISTING_ERROR_COLUMNS = ["root", "path", "size_bytes", "mtime_ns", "attempts"]
+
+
+class Sink(Protocol):
+    name: str
+
+    def write(self, rows: pa.Table, errors: pa.Table) -> None:
+        """Insert or replace rows by (root, path); a file is in `images` or in `errors`, never both."""
+        ...
+
+    def existing(self, which: Which = "images") -> pa.Table:
+        """The committed key and change-detection columns (no embeddings)."""
+        ...
+
+    def delete(self, keys: pa.Table, which: Which) -> None:
+        """Remove the rows whose (root, path) is in keys."""
+        ...
+
+    def drop(self) -> None:
+        """Remove everything (for --rebuild)."""
+        ...
+
+    def storage_bytes(self) -> int: ...
+
+    def count_rows(self, which: Which = "images") -> int: ...
+
+
+def key_strings(table: pa.Table) -> pa.Array:
+    """(root, path) as one string column, for set operations with pyarrow compute."""
+    if table.num_rows == 0:
+        return pa.array([], pa.string())
+    return pc.binary_join_element_wise(table["root"], table["path"], "\x00")
+
+
+def keys_in(table: pa.Table, keys: pa.Table) -> pa.Array:
+    """A boolean mask: which rows of `table` have a (root, path) found in `keys`."""
+    return pc.is_in(key_strings(table), value_set=key_strings(keys))
+
+
+def folder_bytes(path: str) -> int:
+    import os
+
+    total = 0
+    for folder, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(folder, name))
+            except OSError:
+                pass
+    return total

@@ -1,0 +1,228 @@
+"""The decode process pool: pixels return through shared memory; hangs and crashes become error records."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing as mp
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any
+
+import numpy as np
+
+from pipeline.decode import DecodeError, InputSpec, decode_file
+
+log = logging.getLogger(__name__)
+
+TASKS_PER_WORKER = 2  # one decoding, one queued: the worker never waits on the main process
+
+
+@dataclass
+class DecodeResult:
+    key: Any  # the caller's handle for the file
+    pixels: np.ndarray | None  # a view into shared memory; valid until release(slot)
+    slot: int | None
+    width: int = 0
+    height: int = 0
+    content_hash: str | None = None
+    error: str | None = None
+    decode_s: float = 0.0
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
+
+
+def _inject_fault(path: str) -> None:
+    """Test hook: EMBINDEX_FAULT=crash:NAME or hang:NAME makes the worker die or hang on that file."""
+    fault = os.environ.get("EMBINDEX_FAULT", "")
+    action, _, name = fault.partition(":")
+    if name and os.path.basename(path) == name:
+        if action == "crash":
+            os._exit(139)
+        if action == "hang":
+            time.sleep(3600)
+
+
+def _worker_main(conn: Connection, shm_name: str, slot_shape: tuple[int, ...], n_slots: int,
+                 spec: InputSpec, max_image_pixels: int, jpeg_draft: bool) -> None:
+    shm = SharedMemory(name=shm_name)
+    slots = np.ndarray((n_slots, *slot_shape), dtype=np.uint8, buffer=shm.buf)
+    try:
+        while True:
+            task = conn.recv()
+            if task is None:
+                return
+            task_id, path, slot = task
+            _inject_fault(path)
+            try:
+                decoded = decode_file(path, spec, max_image_pixels, jpeg_draft)
+            except DecodeError as exc:
+                conn.send((task_id, None, str(exc), 0.0))
+                continue
+            slots[slot] = decoded.pixels
+            conn.send((task_id, (decoded.width, decoded.height, decoded.content_hash), None, decoded.decode_s))
+    except (EOFError, KeyboardInterrupt):
+        return
+    finally:
+        del slots
+        shm.close()
+
+
+@dataclass
+class _Task:
+    task_id: int
+    key: Any
+    path: str
+    slot: int
+
+
+class _Worker:
+    def __init__(self, ctx: Any, args: tuple[Any, ...]) -> None:
+        self.conn, child_conn = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, args=(child_conn, *args), daemon=True)
+        self.process.start()
+        child_conn.close()
+        self.tasks: collections.deque[_Task] = collections.deque()
+        self.current_since = time.monotonic()  # when the task at the head of the queue started
+
+
+class DecodePool:
+    """A fixed number of decode processes fed in order; results come back as they finish."""
+
+    def __init__(self, spec: InputSpec, workers: int, max_image_pixels: int, timeout_s: float = 60.0,
+                 jpeg_draft: bool = True, n_slots: int | None = None) -> None:
+        self.spec, self.timeout_s = spec, timeout_s
+        self.n_workers = max(1, workers)
+        self.n_slots = n_slots or self.n_workers * TASKS_PER_WORKER * 2
+        slot_shape = spec.output_shape
+        self._shm = SharedMemory(create=True, size=self.n_slots * int(np.prod(slot_shape)))
+        self._slots = np.ndarray((self.n_slots, *slot_shape), dtype=np.uint8, buffer=self._shm.buf)
+        self._free = list(range(self.n_slots))
+        self._ctx = mp.get_context("spawn")  # the main process holds CUDA and threads: never fork it
+        self._args = (self._shm.name, slot_shape, self.n_slots, spec, max_image_pixels, jpeg_draft)
+        self._workers = [_Worker(self._ctx, self._args) for _ in range(self.n_workers)]
+        self._next_id = 0
+        self.crashes = 0
+        self._crashes_in_a_row = 0  # a pool whose workers die at start-up must fail, not error every file
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        for worker in self._workers:
+            try:
+                worker.conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5
+        for worker in self._workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+        del self._slots
+        self._shm.close()
+        self._shm.unlink()
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+    def release(self, slot: int | None) -> None:
+        """Give a result's shared-memory slot back once its pixels have been copied out."""
+        if slot is not None:
+            self._free.append(slot)
+
+    # -- the stream ------------------------------------------------------------------------
+    def imap(self, items: Iterable[tuple[Any, str]]) -> Iterator[DecodeResult]:
+        """Decode (key, path) items; yields results in completion order. Release each result's slot."""
+        pending: collections.deque[tuple[Any, str]] = collections.deque()
+        source = iter(items)
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) < self.n_workers * TASKS_PER_WORKER:
+                try:
+                    pending.append(next(source))
+                except StopIteration:
+                    exhausted = True
+            self._dispatch(pending)
+            busy = [w for w in self._workers if w.tasks]
+            if not busy:
+                if exhausted and not pending:
+                    return
+                if not self._free:
+                    raise RuntimeError("all decode slots are held: release() each result after copying it")
+                continue
+            yield from self._collect(busy, pending)
+
+    def _dispatch(self, pending: collections.deque[tuple[Any, str]]) -> None:
+        for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
+            while pending and self._free and len(worker.tasks) < TASKS_PER_WORKER:
+                key, path = pending.popleft()
+                task = _Task(self._next_id, key, path, self._free.pop())
+                self._next_id += 1
+                if not worker.tasks:
+                    worker.current_since = time.monotonic()
+                worker.tasks.append(task)
+                worker.conn.send((task.task_id, task.path, task.slot))
+
+    def _collect(self, busy: list[_Worker], pending: collections.deque[tuple[Any, str]]) -> Iterator[DecodeResult]:
+        now = time.monotonic()
+        wait_s = max(0.0, min(w.current_since + self.timeout_s - now for w in busy))
+        ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_s)
+        for worker in busy:
+            if worker.conn in ready:
+                try:
+                    while worker.conn.poll():
+                        yield self._receive(worker)
+                    continue
+                except (EOFError, OSError):
+                    pass  # the pipe broke: the worker died mid-send; handled below
+            if worker.process.sentinel in ready or not worker.process.is_alive():
+                worker.process.join(1)  # reap it, so exitcode is known
+                yield self._replace(worker, pending, f"decoder crashed (exit code {worker.process.exitcode})")
+            elif time.monotonic() - worker.current_since > self.timeout_s:
+                worker.process.kill()
+                worker.process.join()
+                yield self._replace(worker, pending, f"timeout: decoding took longer than {self.timeout_s:g} s")
+
+    def _receive(self, worker: _Worker) -> DecodeResult:
+        task_id, meta, error, decode_s = worker.conn.recv()
+        task = worker.tasks.popleft()
+        assert task.task_id == task_id, "decode results arrive in the order they were sent"
+        self._crashes_in_a_row = 0
+        worker.current_since = time.monotonic()
+        if error is not None:
+            self._free.append(task.slot)
+            return DecodeResult(task.key, None, None, error=error, decode_s=decode_s)
+        width, height, digest = meta
+        return DecodeResult(task.key, self._slots[task.slot], task.slot, width, height, digest, decode_s=decode_s)
+
+    def _replace(self, worker: _Worker, pending: collections.deque[tuple[Any, str]], reason: str) -> DecodeResult:
+        """The head task killed or hung its worker: record it, requeue the rest, start a new worker."""
+        self.crashes += 1
+        self._crashes_in_a_row += 1
+        if self._crashes_in_a_row > max(4, 2 * self.n_workers):
+            raise RuntimeError(f"decode workers keep dying ({self._crashes_in_a_row} in a row, last: {reason})")
+        culprit = worker.tasks.popleft()
+        log.warning("%s: %s; starting a new decode worker", culprit.path, reason)
+        for task in reversed(worker.tasks):
+            pending.appendleft((task.key, task.path))
+            self._free.append(task.slot)
+        self._free.append(culprit.slot)
+        worker.conn.close()
+        index = self._workers.index(worker)
+        self._workers[index] = _Worker(self._ctx, self._args)
+        return DecodeResult(culprit.key, None, None, error=reason)
