@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.config import Config, ConfigError, load_config
-from pipeline.run import EXIT_FAILED, EXIT_LOCKED, EXIT_USAGE
+from pipeline.exitcodes import EXIT_FAILED, EXIT_LOCKED, EXIT_USAGE
 
 log = logging.getLogger("embindex")
 

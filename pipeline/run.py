@@ -18,6 +18,7 @@ import pyarrow as pa
 from pipeline.commit import ShardCommitter
 from pipeline.config import Config, ConfigError
 from pipeline.embed import EncodeTimer, embed_stream
+from pipeline.exitcodes import EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline.encoders import load_encoder
 from pipeline.encoders.base import Encoder, fingerprint_id
 from pipeline.lock import IndexLock
@@ -32,7 +33,6 @@ from pipeline.workers import DecodePool, usable_cores
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_TOO_MANY_ERRORS = 0, 1, 2, 3, 4
 
 
 @dataclass
@@ -125,9 +125,10 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
     run_id = started_at.strftime("%Y%m%dT%H%M%S_%fZ")
     wall_started = time.perf_counter()
     encoder = encoder or load_encoder(config.encoder)
+    model_load_s = time.perf_counter() - wall_started
     must_rebuild = check_identity(config, encoder, rebuild)
     schema = images_schema(encoder.dim)
-    gpu_index = encoder.device.index or 0 if encoder.device.type == "cuda" else None
+    gpu_index = (encoder.device.index or 0) if encoder.device.type == "cuda" else None
     if gpu_index is not None:
         import torch
 
@@ -174,6 +175,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                 bar.close()
 
     wall_s = time.perf_counter() - wall_started
+    processing_s = wall_s - model_load_s
     n_attempted = committer.rows_written + committer.errors_written
     report: dict[str, Any] = {
         "run_id": run_id,
@@ -198,9 +200,11 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "errors": committer.error_reasons,
         "error_rate": committer.errors_written / n_attempted if n_attempted else 0.0,
         "wall_s": wall_s,
+        "model_load_s": model_load_s,
+        "processing_s": processing_s,
         "stage_s": {"scan": scan_s, "decode": decode_s, "encode": timer.encode_s, "write": committer.write_s},
         "decode_wait_s": timer.decode_wait_s,
-        "images_per_s": committer.rows_written / wall_s if wall_s > 0 else 0.0,
+        "images_per_s": committer.rows_written / processing_s if processing_s > 0 else 0.0,
         "encode_images_per_s": timer.images / timer.encode_s if timer.encode_s > 0 else 0.0,
         "peak_host_rss_mb": memory.peak_host_rss_mb,
         "peak_main_rss_mb": memory.peak_main_rss_mb,

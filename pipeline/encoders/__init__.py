@@ -64,6 +64,9 @@ def detect_kind(model_config: Any, requested: str) -> str:
 def load_encoder(config: EncoderConfig) -> Encoder:
     """Load model, image processor and tokenizer with the real from_pretrained path."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would fill cron logs
 
     source, revision = config.model, config.revision
     if os.path.sep in source and not os.path.isdir(source):
