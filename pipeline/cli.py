@@ -73,6 +73,8 @@ def run(config_path: str, overrides: tuple[str, ...], rebuild: bool, retry_error
         click.echo(f"embindex: run failed: {exc}", err=True)
         sys.exit(EXIT_FAILED)
     report = result.report
+    if report.get("smoke_test"):
+        click.echo("embindex: SMOKE TEST with a tiny random model: the embeddings are meaningless", err=True)
     if not quiet:
         click.echo(
             f"embindex: {report['images_embedded']} embedded, {sum(report['errors'].values())} errors, "

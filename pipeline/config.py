@@ -38,17 +38,17 @@ class InputConfig(_Strict):
 
 
 class DecodeConfig(_Strict):
-    workers: Literal["auto"] | int = "auto"
+    workers: Any = "auto"  # "auto" = the usable cores
     max_image_pixels: int = Field(100_000_000, gt=0)
     timeout_s: float = Field(60.0, gt=0)  # per file; a hung decoder is killed and recorded
     jpeg_draft: bool = True  # let libjpeg downscale by 1/2..1/8 while decoding large JPEGs
 
     @field_validator("workers")
     @classmethod
-    def _positive(cls, value: Any) -> Any:
-        if isinstance(value, int) and value < 1:
-            raise ValueError("must be 'auto' or a whole number >= 1")
-        return value
+    def _auto_or_positive(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be 'auto' or a whole number >= 1")
 
 
 class EncoderConfig(_Strict):
@@ -129,14 +129,15 @@ def _looks_local(model: str, base: Path) -> bool:
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for problem in err.errors():
-        key = ".".join(str(p) for p in problem["loc"] if not isinstance(p, int) or len(problem["loc"]) == 1)
+        key = ".".join(str(p) for p in problem["loc"])
         kind = problem["type"]
         if kind == "extra_forbidden":
             lines.append(f"{key}: unknown key")
         elif kind == "missing":
             lines.append(f"{key}: required key is missing")
         else:
-            lines.append(f"{key}: {problem['msg']} (got {problem.get('input')!r})")
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {message} (got {problem.get('input')!r})")
     return "; ".join(dict.fromkeys(lines))
 
 

@@ -20,6 +20,9 @@ BACKGROUND = (255, 255, 255)  # transparent pixels become white, as Hugging Face
 # Draft (DCT-domain) downscaling is asked only down to twice the target size, so the final
 # bicubic resize still sees enough pixels to antialias: 12 MP -> ~1 MP instead of 12.
 DRAFT_OVERSAMPLE = 2
+# Only large JPEGs are draft-decoded: below ~2 MP a full decode costs a few ms, and matching the
+# model's own processor exactly (no DCT-domain scaling) is worth more than that.
+DRAFT_MIN_PIXELS = 2_000_000
 
 
 class DecodeError(Exception):
@@ -145,7 +148,7 @@ def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft
     width, height = image.size
     if orientation in (5, 6, 7, 8):
         width, height = height, width
-    if jpeg_draft and image.format == "JPEG":
+    if jpeg_draft and image.format == "JPEG" and image.width * image.height >= DRAFT_MIN_PIXELS:
         want = DRAFT_OVERSAMPLE * max(spec.size)
         image.draft(None, (want, want))
     _load(image)

@@ -82,6 +82,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# embindex run {report['run_id']}",
         "",
+        *(["**SMOKE TEST: tiny random model, the embeddings are meaningless.**", ""] if report.get("smoke_test") else []),
         f"- model: `{report['model']}` on {report['device']} ({report.get('gpu_name') or 'no GPU'}), "
         f"batch size {report['batch_size']}",
         f"- started {report['started_at']}, finished {report['finished_at']}, wall {report['wall_s']:.1f} s "

@@ -30,6 +30,22 @@ def _load_error(model: str, exc: BaseException) -> ModelLoadError:
     )
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One quick TCP connect, so an offline machine fails in seconds instead of after the Hub
+    client's retries with backoff (~25 s of warnings)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _encoder_class(kind: str) -> type[HFSingleVectorEncoder]:
     if kind == "clip":
         from pipeline.encoders.clip import ClipEncoder
@@ -69,23 +85,31 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     hf_logging.disable_progress_bar()  # "Loading weights" bars would fill cron logs
 
     source, revision = config.model, config.revision
-    if os.path.sep in source and not os.path.isdir(source):
+    if os.path.isabs(source) and not os.path.isdir(source):
         raise ModelLoadError(f"encoder.model: folder not found: {source}")
+    # A hub id is read from the local cache when the Hub cannot be reached (or HF_HUB_OFFLINE is set).
+    offline = not os.path.isdir(source) and not _hub_reachable()
     try:
-        model_config = AutoConfig.from_pretrained(source, revision=revision)
+        model_config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=offline)
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
     kind = detect_kind(model_config, config.kind)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     try:
-        model = AutoModel.from_pretrained(source, revision=revision, dtype=dtype, attn_implementation="sdpa")
-        processor = AutoImageProcessor.from_pretrained(source, revision=revision)
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision) if kind != "dinov2" else None
+        options: dict[str, Any] = {"revision": revision, "local_files_only": offline}
+        model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **options)
+        processor = AutoImageProcessor.from_pretrained(source, **options)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options) if kind != "dinov2" else None
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
     model.to(device)
+    if getattr(model_config, "embindex_smoke_test", False):
+        log.warning("SMOKE TEST: %s is a tiny random model from make_tiny_models.py; its embeddings are "
+                    "meaningless. Set encoder.model to a real model for real use.", source)
     name = source if revision is None else f"{source}@{revision}"
     revision_hash = getattr(model_config, "_commit_hash", None)
     log.info("loaded %s (%s) on %s as %s", name, kind, device, dtype)
-    return _encoder_class(kind)(model, processor, tokenizer, name, kind, device, dtype, revision_hash)
+    encoder = _encoder_class(kind)(model, processor, tokenizer, name, kind, device, dtype, revision_hash)
+    encoder.smoke_test = bool(getattr(model_config, "embindex_smoke_test", False))
+    return encoder

@@ -86,6 +86,7 @@ class HFSingleVectorEncoder:
     """A Hugging Face vision(-text) model giving one vector per image; families override _image_features."""
 
     multivector = False
+    smoke_test = False  # a tiny random model: runs work, vectors mean nothing
 
     def __init__(self, model: torch.nn.Module, processor: Any, tokenizer: Any, name: str, kind: str,
                  device: torch.device, dtype: torch.dtype, revision_hash: str | None) -> None:

@@ -1,0 +1,131 @@
+"""DecodePool: one result per file, crashes and hangs become error results, shared memory is cleaned up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.decode import InputSpec
+from pipeline.workers import DecodePool
+from tests.conftest import HOSTILE, HOSTILE_EMBEDDED, HOSTILE_ERRORS
+
+SPEC = InputSpec("shortest_edge", (64, 64), (64, 64))
+MAX_PIXELS = 100_000_000
+HOSTILE_FILES = sorted(HOSTILE_EMBEDDED + HOSTILE_ERRORS)
+
+
+def shm_path(pool: DecodePool) -> Path:
+    return Path("/dev/shm") / pool._shm.name.lstrip("/")
+
+
+def run_pool(pool: DecodePool, names: list[str] = HOSTILE_FILES) -> dict[str, list[str | tuple]]:
+    """Decode the hostile files by name; per name, the list of outcomes: an error string or the pixel shape."""
+    outcomes: dict[str, list[str | tuple]] = {}
+    for result in pool.imap((name, str(HOSTILE / name)) for name in names):
+        if result.error is None:
+            pixels = np.array(result.pixels)  # copy out of shared memory before the slot is released
+            assert pixels.dtype == np.uint8
+            assert result.width > 0 and result.height > 0 and result.content_hash
+            outcomes.setdefault(result.key, []).append(pixels.shape)
+        else:
+            assert result.pixels is None and result.slot is None
+            outcomes.setdefault(result.key, []).append(result.error)
+        pool.release(result.slot)
+    return outcomes
+
+
+def assert_hostile_outcomes(outcomes: dict[str, list], special: dict[str, str] | None = None) -> None:
+    """Exactly one result per file; valid files have pixels, broken ones an error, `special` ones that error."""
+    special = special or {}
+    assert sorted(outcomes) == HOSTILE_FILES
+    assert all(len(results) == 1 for results in outcomes.values()), outcomes
+    for name, (outcome,) in outcomes.items():
+        if name in special:
+            assert isinstance(outcome, str) and special[name] in outcome, (name, outcome)
+        elif name in HOSTILE_EMBEDDED:
+            assert outcome == SPEC.output_shape, (name, outcome)
+        else:
+            assert isinstance(outcome, str) and outcome, (name, outcome)
+
+
+def test_pool_returns_one_result_per_hostile_file() -> None:
+    with DecodePool(SPEC, workers=2, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
+        assert_hostile_outcomes(run_pool(pool))
+        assert pool.crashes == 0
+
+
+def test_pool_reports_decode_reasons() -> None:
+    with DecodePool(SPEC, workers=2, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
+        outcomes = run_pool(pool, ["zero_bytes.png", "decompression_bomb_400mpx.png", "plain.bmp"])
+    assert outcomes["zero_bytes.png"] == ["empty file"]
+    assert outcomes["decompression_bomb_400mpx.png"] == ["too many pixels: 400000000 > 100000000"]
+    assert outcomes["plain.bmp"] == [SPEC.output_shape]
+
+
+def test_pool_pixels_match_a_direct_decode() -> None:
+    from pipeline.decode import decode_file
+
+    with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
+        for result in pool.imap([("cmyk", str(HOSTILE / "cmyk.jpg"))]):
+            pixels = np.array(result.pixels)
+            pool.release(result.slot)
+    assert np.array_equal(pixels, decode_file(str(HOSTILE / "cmyk.jpg"), SPEC, MAX_PIXELS).pixels)
+
+
+def test_worker_crash_becomes_an_error_and_the_rest_is_processed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBINDEX_FAULT", "crash:plain.bmp")  # before the pool spawns its workers
+    with DecodePool(SPEC, workers=2, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
+        outcomes = run_pool(pool)
+        assert pool.crashes == 1
+    assert_hostile_outcomes(outcomes, {"plain.bmp": "crashed"})
+
+
+def test_worker_hang_becomes_a_timeout_and_the_rest_is_processed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBINDEX_FAULT", "hang:plain.bmp")
+    with DecodePool(SPEC, workers=2, max_image_pixels=MAX_PIXELS, timeout_s=2) as pool:
+        outcomes = run_pool(pool)
+        assert pool.crashes == 1
+    assert_hostile_outcomes(outcomes, {"plain.bmp": "timeout"})
+
+
+def test_pool_replaces_a_crashed_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBINDEX_FAULT", "crash:plain.bmp")
+    with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
+        before = pool.pids()
+        outcomes = run_pool(pool, ["plain.bmp", "Mixed.Png", "cmyk.jpg"])
+        after = pool.pids()
+    assert "crashed" in outcomes["plain.bmp"][0]
+    assert outcomes["Mixed.Png"] == outcomes["cmyk.jpg"] == [SPEC.output_shape]
+    assert len(after) == 1 and after != before
+
+
+def test_unreleased_slots_are_reported_not_deadlocked() -> None:
+    with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30, n_slots=1) as pool:
+        stream = pool.imap([("a", str(HOSTILE / "plain.bmp")), ("b", str(HOSTILE / "Mixed.Png"))])
+        first = next(stream)
+        assert first.error is None
+        with pytest.raises(RuntimeError, match="release"):
+            next(stream)
+
+
+def test_close_unlinks_the_shared_memory() -> None:
+    pool = DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30)
+    path = shm_path(pool)
+    try:
+        assert path.exists()
+        run_pool(pool, ["plain.bmp"])
+    finally:
+        pool.close()
+    assert not path.exists()
+    assert not any(worker.process.is_alive() for worker in pool._workers)
+
+
+def test_close_after_a_crash_unlinks_the_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBINDEX_FAULT", "crash:plain.bmp")
+    with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
+        path = shm_path(pool)
+        run_pool(pool, ["plain.bmp", "Mixed.Png"])
+    assert not path.exists()
+
