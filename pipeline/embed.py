@@ -43,6 +43,9 @@ def embed_stream(
     height, width, channels = encoder.input_spec().output_shape
     pin = encoder.device.type == "cuda"
     buffers = [torch.empty((batch_size, height, width, channels), dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+    # Filled through NumPy views: a plain memcpy, where torch's copy_ would wake its CPU thread pool
+    # for every image and steal cores from the decode workers.
+    staging = [buffer.numpy() for buffer in buffers]
     fill, count, items = 0, 0, []
     in_flight: tuple[torch.Tensor, list[DecodeResult]] | None = None
 
@@ -66,7 +69,7 @@ def embed_stream(
         if result.error is not None:
             yield result
         else:
-            buffers[fill][count].copy_(torch.from_numpy(result.pixels))
+            staging[fill][count] = result.pixels
             release(result.slot)
             result.pixels, result.slot = None, None
             items.append(result)

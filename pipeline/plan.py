@@ -46,8 +46,10 @@ def make_plan(scan: pa.Table, images: pa.Table, errors: pa.Table, retry_errors: 
     joined = _match(_match(scan, images, "img"), errors, "err")
     in_images = pc.is_valid(joined["img_size"])
     in_errors = pc.is_valid(joined["err_size"])
-    same_image = pc.and_(pc.equal(joined["size_bytes"], joined["img_size"]), pc.equal(joined["mtime_ns"], joined["img_mtime"]))
-    same_error = pc.and_(pc.equal(joined["size_bytes"], joined["err_size"]), pc.equal(joined["mtime_ns"], joined["err_mtime"]))
+    same_image = pc.and_(pc.equal(joined["size_bytes"], joined["img_size"]),
+                         pc.equal(joined["mtime_ns"], joined["img_mtime"]))
+    same_error = pc.and_(pc.equal(joined["size_bytes"], joined["err_size"]),
+                         pc.equal(joined["mtime_ns"], joined["err_mtime"]))
     unchanged_image = pc.fill_null(pc.and_(in_images, same_image), False)
     unchanged_error = pc.fill_null(pc.and_(in_errors, same_error), False)
     known = pc.or_(in_images, in_errors)

@@ -15,6 +15,7 @@ import psutil
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY_S = 0.1
+SMOKE_TEST_LINE = "**SMOKE TEST: tiny random model, the embeddings are meaningless.**"
 
 
 class MemoryProbe:
@@ -55,7 +56,11 @@ class MemoryProbe:
         if self._nvml_handle is not None:
             import pynvml
 
-            used = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle).used / mb
+            try:  # v2 leaves out driver-reserved memory, as nvidia-smi does
+                info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle, version=pynvml.nvmlMemory_v2)
+            except (AttributeError, TypeError, pynvml.NVMLError):
+                info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
+            used = info.used / mb
             self.peak_nvml_used_mb = max(self.peak_nvml_used_mb or 0.0, used)
 
     def _loop(self) -> None:
@@ -82,7 +87,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# embindex run {report['run_id']}",
         "",
-        *(["**SMOKE TEST: tiny random model, the embeddings are meaningless.**", ""] if report.get("smoke_test") else []),
+        *([SMOKE_TEST_LINE, ""] if report.get("smoke_test") else []),
         f"- model: `{report['model']}` on {report['device']} ({report.get('gpu_name') or 'no GPU'}), "
         f"batch size {report['batch_size']}",
         f"- started {report['started_at']}, finished {report['finished_at']}, wall {report['wall_s']:.1f} s "
@@ -94,7 +99,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         "| Batch Size | Peak VRAM (allocated) | Peak VRAM (reserved) | Peak host RSS | Processing Time | Images/s |",
         "|---|---|---|---|---|---|",
-        f"| {report['batch_size']} | {report['peak_vram_allocated_mb']:.0f} MB | {report['peak_vram_reserved_mb']:.0f} MB "
+        f"| {report['batch_size']} | {report['peak_vram_allocated_mb']:.0f} MB "
+        f"| {report['peak_vram_reserved_mb']:.0f} MB "
         f"| {report['peak_host_rss_mb']:.0f} MB | {report['processing_s']:.1f} s | {report['images_per_s']:.1f} |",
         "",
         "| Stage | Seconds |",
@@ -110,7 +116,8 @@ def format_markdown(report: dict[str, Any]) -> str:
 def write_report(report_dir: str, report: dict[str, Any]) -> Path:
     folder = Path(report_dir) / report["run_id"]
     folder.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", json.dumps(report, indent=2, default=str)), ("report.md", format_markdown(report))):
+    texts = {"report.json": json.dumps(report, indent=2, default=str), "report.md": format_markdown(report)}
+    for name, text in texts.items():
         temporary = folder / (name + ".tmp")
         temporary.write_text(text)
         os.replace(temporary, folder / name)

@@ -18,9 +18,9 @@ import pyarrow as pa
 from pipeline.commit import ShardCommitter
 from pipeline.config import Config, ConfigError
 from pipeline.embed import EncodeTimer, embed_stream
-from pipeline.exitcodes import EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline.encoders import load_encoder
 from pipeline.encoders.base import Encoder, fingerprint_id
+from pipeline.exitcodes import EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline.lock import IndexLock
 from pipeline.plan import Plan, make_plan
 from pipeline.report import MemoryProbe, write_report
@@ -79,23 +79,28 @@ def _write_identity(config: Config, encoder: Encoder) -> None:
     path = _identity_path(config)
     fingerprint = encoder.fingerprint()
     temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps({"fingerprint_id": fingerprint_id(fingerprint), "fingerprint": fingerprint}, indent=2))
+    identity = {"fingerprint_id": fingerprint_id(fingerprint), "fingerprint": fingerprint}
+    temporary.write_text(json.dumps(identity, indent=2))
     os.replace(temporary, path)
 
 
-def _reconcile_secondaries(sinks: list[Sink], plan: Plan) -> None:
-    """Make secondary sinks agree with the primary before writing: drop rows that are about to be
-    rewritten, rows of deleted files, and orphans a killed run wrote after the primary's last commit."""
+def _prepare_sinks(sinks: list[Sink], plan: Plan) -> None:
+    """Make every sink agree with the plan before writing. Sinks that cannot upsert (Parquet) drop
+    the rows about to be rewritten; secondary sinks also drop orphans a killed run wrote after the
+    primary's last commit. Then rows of deleted files go everywhere."""
     primary = sinks[0]
-    for sink in sinks[1:]:
+    for sink in sinks:
         if isinstance(sink, ParquetSink):
             sink.remove_temporary_files()
-        for which, deleted in (("images", plan.deleted_images), ("errors", plan.deleted_errors)):
-            held = sink.existing(which).select(["root", "path"])
-            committed = primary.existing(which).select(["root", "path"])
-            orphans = held.join(committed, keys=["root", "path"], join_type="left anti")
-            doomed = pa.concat_tables([plan.pending.select(["root", "path"]), deleted, orphans])
-            sink.delete(doomed, which)
+            for which in ("images", "errors"):
+                doomed = [plan.pending.select(["root", "path"])]
+                if sink is not primary:
+                    held = sink.existing(which).select(["root", "path"])
+                    committed = primary.existing(which).select(["root", "path"])
+                    doomed.append(held.join(committed, keys=["root", "path"], join_type="left anti"))
+                sink.delete(pa.concat_tables(doomed), which)
+        sink.delete(plan.deleted_images, "images")
+        sink.delete(plan.deleted_errors, "errors")
 
 
 def _pending_items(pending: pa.Table) -> Iterator[tuple[dict[str, Any], str]]:
@@ -145,10 +150,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         scan = scan_table(config.input.root, config.input.extensions, config.input.include_hidden,
                           config.input.follow_symlinks)
         plan = make_plan(scan, sinks[0].existing("images"), sinks[0].existing("errors"), retry_errors)
-        _reconcile_secondaries(sinks, plan)
-        for sink in sinks:
-            sink.delete(plan.deleted_images, "images")
-            sink.delete(plan.deleted_errors, "errors")
+        _prepare_sinks(sinks, plan)
         scan_s = time.perf_counter() - scan_started
         log.info("scanned %d files: %d new, %d changed, %d deleted, %d unchanged", plan.n_scanned, plan.n_new,
                  plan.n_changed, plan.n_deleted, plan.n_unchanged)
@@ -162,8 +164,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
             n_workers = min(n_workers, n_pending)
             show = sys.stderr.isatty() if progress is None else progress
             with DecodePool(encoder.input_spec(), n_workers, config.decode.max_image_pixels, config.decode.timeout_s,
-                            config.decode.jpeg_draft,
-                            n_slots=2 * config.encoder.batch_size + 4 * n_workers) as pool:
+                            config.decode.jpeg_draft) as pool:
                 results = pool.imap(_pending_items(plan.pending))
                 bar = _progress(n_pending, show)
                 for event in embed_stream(results, encoder, config.encoder.batch_size, pool.release, timer):

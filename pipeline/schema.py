@@ -11,7 +11,10 @@ KEY_COLUMNS = ["root", "path"]  # a file is identified by its root and its POSIX
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 
-def images_schema(dim: int, vector_type: pa.DataType = pa.float32()) -> pa.Schema:
+FLOAT32 = pa.float32()
+
+
+def images_schema(dim: int, vector_type: pa.DataType = FLOAT32) -> pa.Schema:
     return pa.schema(
         [
             ("path", pa.string()),

@@ -19,7 +19,7 @@ from pipeline.decode import DecodeError, InputSpec, decode_file
 
 log = logging.getLogger(__name__)
 
-TASKS_PER_WORKER = 2  # one decoding, one queued: the worker never waits on the main process
+TASKS_PER_WORKER = 4  # one decoding, three queued: a worker never waits on the main process
 
 
 @dataclass
@@ -186,7 +186,9 @@ class DecodePool:
             if worker.conn in ready:
                 try:
                     while worker.conn.poll():
-                        yield self._receive(worker)
+                        result = self._receive(worker)
+                        self._dispatch(pending)  # refill before the consumer takes its time
+                        yield result
                     continue
                 except (EOFError, OSError):
                     pass  # the pipe broke: the worker died mid-send; handled below

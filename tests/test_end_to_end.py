@@ -13,7 +13,16 @@ import lancedb
 import pyarrow.dataset as ds
 import pytest
 
-from tests.conftest import HOSTILE, HOSTILE_EMBEDDED, HOSTILE_ERRORS, HOSTILE_SKIPPED, IMAGES, REPO, run_cli, write_config
+from tests.conftest import (
+    HOSTILE,
+    HOSTILE_EMBEDDED,
+    HOSTILE_ERRORS,
+    HOSTILE_SKIPPED,
+    IMAGES,
+    REPO,
+    run_cli,
+    write_config,
+)
 
 SPEC_REPORT_FIELDS = [
     "run_id", "started_at", "finished_at", "model", "device", "gpu_name", "batch_size", "files_scanned", "files_new",
@@ -181,3 +190,22 @@ def test_lock_of_a_killed_run_does_not_block(tmp_path: Path, tiny_models: Path) 
     config = write_config(tmp_path, str(HOSTILE), str(tiny_models / "clip"))
     result = run_cli("run", str(config), "--quiet", "--set", "run.max_error_rate=0.5")
     assert result.returncode == 0, result.stderr
+
+
+def test_parquet_only_index_stays_one_row_per_file(tmp_path: Path, tiny_models: Path) -> None:
+    """With Parquet as the only sink, a changed file's row is replaced, not duplicated."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in sorted(os.listdir(IMAGES))[:3]:
+        shutil.copy(IMAGES / name, photos / name)
+    config = write_config(tmp_path, "./photos", str(tiny_models / "clip"), output={"lancedb": None})
+    assert run_cli("run", str(config), "--quiet").returncode == 0
+    first = sorted(photos.iterdir())[0]
+    os.utime(first, ns=(1_600_000_000_000_000_000, 1_600_000_000_000_000_000))
+    for _ in range(2):
+        assert run_cli("run", str(config), "--quiet").returncode == 0
+    table = ds.dataset(tmp_path / "embeddings" / "images").to_table()
+    assert sorted(table["path"].to_pylist()) == sorted(p.name for p in photos.iterdir())
+    assert _latest_report(tmp_path)["images_embedded"] == 0

@@ -18,19 +18,23 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
+def table(schema: pa.Schema, rows: tuple[tuple, ...]) -> pa.Table:
+    return pa.Table.from_pylist([dict(zip(schema.names, row, strict=True)) for row in rows], schema=schema)
+
+
 def scan(*rows: tuple[str, str, int, int]) -> pa.Table:
     """(root, path, size, mtime) rows as a scan table."""
-    return pa.Table.from_pylist([dict(zip(SCAN_SCHEMA.names, r)) for r in rows], schema=SCAN_SCHEMA)
+    return table(SCAN_SCHEMA, rows)
 
 
 def images(*rows: tuple[str, str, int, int]) -> pa.Table:
     """(root, path, size, mtime) rows as the committed `images` columns that existing() returns."""
-    return pa.Table.from_pylist([dict(zip(IMAGES_SCHEMA.names, (*r, "hash"))) for r in rows], schema=IMAGES_SCHEMA)
+    return table(IMAGES_SCHEMA, tuple((*row, "hash") for row in rows))
 
 
 def errors(*rows: tuple[str, str, int, int, int]) -> pa.Table:
     """(root, path, size, mtime, attempts) rows as the committed `images_errors` columns."""
-    return pa.Table.from_pylist([dict(zip(ERRORS_SCHEMA.names, r)) for r in rows], schema=ERRORS_SCHEMA)
+    return table(ERRORS_SCHEMA, rows)
 
 
 def pending(plan: Plan) -> dict[tuple[str, str], dict]:

@@ -40,6 +40,13 @@ def test_order_is_deterministic_across_scans(tmp_path: Path) -> None:
     assert len(first) == 30
 
 
+def test_order_is_sorted_within_each_folder(tmp_path: Path) -> None:
+    # A folder's whole subtree comes at its name's place: "a/" before "a-b/" and "a.jpg", though "a-b/x.jpg" and
+    # "a.jpg" sort before "a/y.jpg" as strings. plan.make_plan sorts pending itself, so this is only the walk order.
+    make_tree(tmp_path, ["a/y.jpg", "a-b/x.jpg", "a.jpg"])
+    assert listed(tmp_path) == ["a/y.jpg", "a-b/x.jpg", "a.jpg"]
+
+
 def test_extension_filter_is_case_insensitive(tmp_path: Path) -> None:
     make_tree(tmp_path, ["upper.JPG", "mixed.Png", "lower.webp", "tiff.TIFF"])
     assert listed(tmp_path) == ["lower.webp", "mixed.Png", "tiff.TIFF", "upper.JPG"]

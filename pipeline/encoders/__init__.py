@@ -79,6 +79,7 @@ def detect_kind(model_config: Any, requested: str) -> str:
 
 def load_encoder(config: EncoderConfig) -> Encoder:
     """Load model, image processor and tokenizer with the real from_pretrained path."""
+    import torch
     from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -104,6 +105,10 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
     model.to(device)
+    if device.type == "cuda":
+        # The main process only stages batches for the GPU; torch's CPU pool (one thread per core,
+        # spinning between ops) would compete with the decode workers for every core.
+        torch.set_num_threads(2)
     if getattr(model_config, "embindex_smoke_test", False):
         log.warning("SMOKE TEST: %s is a tiny random model from make_tiny_models.py; its embeddings are "
                     "meaningless. Set encoder.model to a real model for real use.", source)

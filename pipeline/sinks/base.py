@@ -16,7 +16,8 @@ class Sink(Protocol):
     name: str
 
     def write(self, rows: pa.Table, errors: pa.Table) -> None:
-        """Insert or replace rows by (root, path); a file is in `images` or in `errors`, never both."""
+        """Add one shard's rows. LanceDB upserts on (root, path); Parquet appends a part file, so
+        the run deletes the keys it will rewrite before its first write (run._prepare_sinks)."""
         ...
 
     def existing(self, which: Which = "images") -> pa.Table:
