@@ -74,7 +74,7 @@ def run(config_path: str, overrides: tuple[str, ...], rebuild: bool, retry_error
         sys.exit(EXIT_FAILED)
     report = result.report
     if report.get("smoke_test"):
-        click.echo("embindex: SMOKE TEST with a tiny random model: the embeddings are meaningless", err=True)
+        click.echo("embindex: SMOKE TEST with a random-weight model: the embeddings are meaningless", err=True)
     if not quiet:
         click.echo(
             f"embindex: {report['images_embedded']} embedded, {sum(report['errors'].values())} errors, "

@@ -15,7 +15,7 @@ import psutil
 log = logging.getLogger(__name__)
 
 SAMPLE_EVERY_S = 0.1
-SMOKE_TEST_LINE = "**SMOKE TEST: tiny random model, the embeddings are meaningless.**"
+SMOKE_TEST_LINE = "**SMOKE TEST: random-weight model, the embeddings are meaningless.**"
 
 
 class MemoryProbe:

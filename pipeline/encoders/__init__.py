@@ -110,7 +110,7 @@ def load_encoder(config: EncoderConfig) -> Encoder:
         # spinning between ops) would compete with the decode workers for every core.
         torch.set_num_threads(2)
     if getattr(model_config, "embindex_smoke_test", False):
-        log.warning("SMOKE TEST: %s is a tiny random model from make_tiny_models.py; its embeddings are "
+        log.warning("SMOKE TEST: %s has random weights (scripts/make_*_models.py); its embeddings are "
                     "meaningless. Set encoder.model to a real model for real use.", source)
     name = source if revision is None else f"{source}@{revision}"
     revision_hash = getattr(model_config, "_commit_hash", None)
