@@ -139,10 +139,11 @@ def _resize_and_crop(image: Image.Image, spec: InputSpec) -> Image.Image:
     return image.resize((new_w, new_h), spec.resample).crop((left, top, left + crop_w, top + crop_h))
 
 
-def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool = True) -> DecodedImage:
+def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool = True,
+                 digest: str | None = None) -> DecodedImage:
     """Decode, orient, convert and resize one image held in memory."""
     started = time.perf_counter()
-    digest = content_hash(data)
+    digest = digest or content_hash(data)
     image = _open(data, max_image_pixels)
     orientation = image.getexif().get(ORIENTATION_TAG, 1) if image.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
     width, height = image.size
@@ -158,17 +159,23 @@ def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft
     return DecodedImage(pixels, width, height, digest, time.perf_counter() - started)
 
 
-def decode_file(path: str, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool = True) -> DecodedImage:
-    """Read and decode one file; every failure is a DecodeError with a readable reason."""
+def read_file(path: str) -> bytes:
     try:
         with open(path, "rb") as handle:
-            data = handle.read()
+            return handle.read()
     except FileNotFoundError:
         raise DecodeError("file vanished before it was read") from None
     except OSError as exc:
         raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+
+
+def decode_file(path: str, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool = True,
+                data: bytes | None = None, digest: str | None = None) -> DecodedImage:
+    """Read (unless `data` is given) and decode one file; every failure is a DecodeError."""
+    if data is None:
+        data = read_file(path)
     try:
-        return decode_bytes(data, spec, max_image_pixels, jpeg_draft)
+        return decode_bytes(data, spec, max_image_pixels, jpeg_draft, digest)
     except DecodeError:
         raise
     except MemoryError:

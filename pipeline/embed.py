@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.encoders.base import Encoder
+from pipeline.reuse import VectorReuse
 from pipeline.workers import DecodeResult
 
 
@@ -23,7 +24,8 @@ class Embedded:
 class EncodeTimer:
     encode_s: float = 0.0  # main-thread seconds in the encoder, waits for the GPU included
     decode_wait_s: float = 0.0  # main-thread seconds waiting for decoded images
-    images: int = 0
+    images: int = 0  # images given to the encoder
+    reused: int = 0  # images whose vector came from identical bytes instead
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -33,8 +35,12 @@ def embed_stream(
     batch_size: int,
     release: Callable[[int | None], None],
     timer: EncodeTimer,
+    reuse: VectorReuse | None = None,
 ) -> Iterator[DecodeResult | Embedded]:
     """Yield each failed DecodeResult as it comes and an Embedded per batch.
+
+    Bytes already embedded (in the index, or earlier this run) are not encoded again: their
+    vector is reused, and a copy that arrives while its twin is still in a batch waits for it.
 
     Two pinned buffers alternate: while the GPU works on one batch, the next fills the other.
     A buffer is refilled only after the batch that used it has been copied back, which also
@@ -48,6 +54,12 @@ def embed_stream(
     staging = [buffer.numpy() for buffer in buffers]
     fill, count, items = 0, 0, []
     in_flight: tuple[torch.Tensor, list[DecodeResult]] | None = None
+    waiting: dict[str, list[DecodeResult]] = {}  # content hash in a batch -> copies waiting for its vector
+
+    def reused(result: DecodeResult, vector: np.ndarray, width: int, height: int) -> Embedded:
+        result.width, result.height = width, height
+        timer.reused += 1
+        return Embedded([result], vector[None, :])
 
     def launch() -> tuple[torch.Tensor, list[DecodeResult]]:
         started = time.perf_counter()
@@ -56,34 +68,53 @@ def embed_stream(
         timer.batch_sizes.append(count)
         return vectors, items
 
-    def finish(batch: tuple[torch.Tensor, list[DecodeResult]]) -> Embedded:
+    def finish(batch: tuple[torch.Tensor, list[DecodeResult]]) -> Iterator[Embedded]:
         started = time.perf_counter()
         vectors = batch[0].to("cpu", torch.float32).numpy()
         timer.encode_s += time.perf_counter() - started
         timer.images += len(batch[1])
-        return Embedded(batch[1], vectors)
+        yield Embedded(batch[1], vectors)
+        for item, vector in zip(batch[1], vectors):
+            if reuse is not None and reuse.may_repeat(item.key["size_bytes"]):
+                reuse.remember(item.content_hash, vector, item.width, item.height)
+            for twin in waiting.pop(item.content_hash, []):
+                yield reused(twin, vector, item.width, item.height)
 
     waited = time.perf_counter()
     for result in results:
         timer.decode_wait_s += time.perf_counter() - waited
+        known = reuse.lookup(result.content_hash) if reuse is not None else None
         if result.error is not None:
             yield result
+        elif known is not None:
+            pool_release(release, result)
+            yield reused(result, known.vector, known.width, known.height)
+        elif result.content_hash in waiting:
+            pool_release(release, result)
+            waiting[result.content_hash].append(result)
         else:
+            if reuse is not None and reuse.may_repeat(result.key["size_bytes"]):
+                waiting[result.content_hash] = []
             staging[fill][count] = result.pixels
-            release(result.slot)
-            result.pixels, result.slot = None, None
+            pool_release(release, result)
             items.append(result)
             count += 1
             if count == batch_size:
                 launched = launch()
                 if in_flight is not None:
-                    yield finish(in_flight)
+                    yield from finish(in_flight)
                 in_flight, fill, count, items = launched, fill ^ 1, 0, []
         waited = time.perf_counter()
     if count:
         launched = launch()
         if in_flight is not None:
-            yield finish(in_flight)
+            yield from finish(in_flight)
         in_flight = launched
     if in_flight is not None:
-        yield finish(in_flight)
+        yield from finish(in_flight)
+
+
+def pool_release(release: Callable[[int | None], None], result: DecodeResult) -> None:
+    """Hand a result's shared-memory slot back when its pixels are not needed."""
+    release(result.slot)
+    result.pixels, result.slot = None, None

@@ -24,12 +24,13 @@ from pipeline.exitcodes import EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline.lock import IndexLock
 from pipeline.plan import Plan, make_plan
 from pipeline.report import MemoryProbe, write_report
+from pipeline.reuse import VectorReuse, load_known_rows
 from pipeline.scan import scan_table
 from pipeline.schema import images_schema
 from pipeline.sinks.base import Sink
 from pipeline.sinks.lance import LanceSink
 from pipeline.sinks.parquet import ParquetSink
-from pipeline.workers import DecodePool, usable_cores
+from pipeline.workers import DecodePool, Item, usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +104,11 @@ def _prepare_sinks(sinks: list[Sink], plan: Plan) -> None:
         sink.delete(plan.deleted_errors, "errors")
 
 
-def _pending_items(pending: pa.Table) -> Iterator[tuple[dict[str, Any], str]]:
-    """(row, absolute path) per pending file, converted one record batch at a time."""
+def _pending_items(pending: pa.Table, reuse: VectorReuse) -> Iterator[Item]:
+    """(row, absolute path, hashes that need no decode) per pending file, one record batch at a time."""
     for batch in pending.to_batches(max_chunksize=4096):
         for row in batch.to_pylist():
-            yield row, os.path.join(row["root"], *row["path"].split("/"))
+            yield row, os.path.join(row["root"], *row["path"].split("/")), reuse.hashes_for_size(row["size_bytes"])
 
 
 def _gpu_facts(encoder: Encoder) -> dict[str, Any]:
@@ -149,7 +150,10 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         scan_started = time.perf_counter()
         scan = scan_table(config.input.root, config.input.extensions, config.input.include_hidden,
                           config.input.follow_symlinks)
-        plan = make_plan(scan, sinks[0].existing("images"), sinks[0].existing("errors"), retry_errors)
+        indexed = sinks[0].existing("images")
+        plan = make_plan(scan, indexed, sinks[0].existing("errors"), retry_errors)
+        # Read the vectors that renamed, copied or touched files may reuse before anything is deleted.
+        reuse = VectorReuse(load_known_rows(sinks[0], plan.pending, indexed), indexed, plan.pending)
         _prepare_sinks(sinks, plan)
         scan_s = time.perf_counter() - scan_started
         log.info("scanned %d files: %d new, %d changed, %d deleted, %d unchanged", plan.n_scanned, plan.n_new,
@@ -165,9 +169,9 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
             show = sys.stderr.isatty() if progress is None else progress
             with DecodePool(encoder.input_spec(), n_workers, config.decode.max_image_pixels, config.decode.timeout_s,
                             config.decode.jpeg_draft) as pool:
-                results = pool.imap(_pending_items(plan.pending))
+                results = pool.imap(_pending_items(plan.pending, reuse))
                 bar = _progress(n_pending, show)
-                for event in embed_stream(results, encoder, config.encoder.batch_size, pool.release, timer):
+                for event in embed_stream(results, encoder, config.encoder.batch_size, pool.release, timer, reuse):
                     items = getattr(event, "items", [event])
                     decode_s += sum(item.decode_s for item in items)
                     committer.add(event)
@@ -199,6 +203,8 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "files_unchanged": plan.n_unchanged,
         "files_retried": plan.n_retried,
         "images_embedded": committer.rows_written,
+        "images_encoded": timer.images,
+        "images_reused": timer.reused,
         "errors": committer.error_reasons,
         "error_rate": committer.errors_written / n_attempted if n_attempted else 0.0,
         "wall_s": wall_s,
@@ -208,6 +214,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "decode_wait_s": timer.decode_wait_s,
         "images_per_s": committer.rows_written / processing_s if processing_s > 0 else 0.0,
         "encode_images_per_s": timer.images / timer.encode_s if timer.encode_s > 0 else 0.0,
+        "fingerprint": encoder.fingerprint(),
         "peak_host_rss_mb": memory.peak_host_rss_mb,
         "peak_main_rss_mb": memory.peak_main_rss_mb,
         "peak_workers_rss_mb": memory.peak_workers_rss_mb,

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.decode import DecodeError, InputSpec, decode_file
+from pipeline.decode import DecodeError, InputSpec, content_hash, decode_file, read_file
 
 log = logging.getLogger(__name__)
 
+Item = tuple[Any, str, "frozenset[str] | None"]  # (caller's key, path, hashes that need no decode)
 TASKS_PER_WORKER = 4  # one decoding, three queued: a worker never waits on the main process
 
 
@@ -32,6 +33,7 @@ class DecodeResult:
     content_hash: str | None = None
     error: str | None = None
     decode_s: float = 0.0
+    reused: bool = False  # the bytes hash to a known vector: read and hashed, not decoded
 
 
 def usable_cores() -> int:
@@ -61,10 +63,15 @@ def _worker_main(conn: Connection, shm_name: str, slot_shape: tuple[int, ...], n
             task = conn.recv()
             if task is None:
                 return
-            task_id, path, slot = task
+            task_id, path, slot, known_hashes = task
             _inject_fault(path)
             try:
-                decoded = decode_file(path, spec, max_image_pixels, jpeg_draft)
+                data = read_file(path)
+                digest = content_hash(data)
+                if known_hashes and digest in known_hashes:
+                    conn.send((task_id, ("reuse", digest), None, 0.0))
+                    continue
+                decoded = decode_file(path, spec, max_image_pixels, jpeg_draft, data=data, digest=digest)
             except DecodeError as exc:
                 conn.send((task_id, None, str(exc), 0.0))
                 continue
@@ -83,6 +90,7 @@ class _Task:
     key: Any
     path: str
     slot: int
+    known_hashes: frozenset[str] | None
 
 
 class _Worker:
@@ -146,9 +154,12 @@ class DecodePool:
             self._free.append(slot)
 
     # -- the stream ------------------------------------------------------------------------
-    def imap(self, items: Iterable[tuple[Any, str]]) -> Iterator[DecodeResult]:
-        """Decode (key, path) items; yields results in completion order. Release each result's slot."""
-        pending: collections.deque[tuple[Any, str]] = collections.deque()
+    def imap(self, items: Iterable[Item]) -> Iterator[DecodeResult]:
+        """Decode (key, path, known_hashes) items; yields results in completion order.
+
+        A file whose bytes hash to one of its `known_hashes` is not decoded: its result has
+        `reused` set. Release each result's slot once its pixels are copied out."""
+        pending: collections.deque[Item] = collections.deque()
         source = iter(items)
         exhausted = False
         while True:
@@ -167,18 +178,18 @@ class DecodePool:
                 continue
             yield from self._collect(busy, pending)
 
-    def _dispatch(self, pending: collections.deque[tuple[Any, str]]) -> None:
+    def _dispatch(self, pending: collections.deque[Item]) -> None:
         for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
             while pending and self._free and len(worker.tasks) < TASKS_PER_WORKER:
-                key, path = pending.popleft()
-                task = _Task(self._next_id, key, path, self._free.pop())
+                key, path, known_hashes = pending.popleft()
+                task = _Task(self._next_id, key, path, self._free.pop(), known_hashes)
                 self._next_id += 1
                 if not worker.tasks:
                     worker.current_since = time.monotonic()
                 worker.tasks.append(task)
-                worker.conn.send((task.task_id, task.path, task.slot))
+                worker.conn.send((task.task_id, task.path, task.slot, task.known_hashes))
 
-    def _collect(self, busy: list[_Worker], pending: collections.deque[tuple[Any, str]]) -> Iterator[DecodeResult]:
+    def _collect(self, busy: list[_Worker], pending: collections.deque[Item]) -> Iterator[DecodeResult]:
         now = time.monotonic()
         wait_s = max(0.0, min(w.current_since + self.timeout_s - now for w in busy))
         ready = wait([w.conn for w in busy] + [w.process.sentinel for w in busy], timeout=wait_s)
@@ -206,13 +217,15 @@ class DecodePool:
         assert task.task_id == task_id, "decode results arrive in the order they were sent"
         self._crashes_in_a_row = 0
         worker.current_since = time.monotonic()
-        if error is not None:
+        if error is not None or meta[0] == "reuse":
             self._free.append(task.slot)
-            return DecodeResult(task.key, None, None, error=error, decode_s=decode_s)
+            if error is not None:
+                return DecodeResult(task.key, None, None, error=error, decode_s=decode_s)
+            return DecodeResult(task.key, None, None, content_hash=meta[1], reused=True)
         width, height, digest = meta
         return DecodeResult(task.key, self._slots[task.slot], task.slot, width, height, digest, decode_s=decode_s)
 
-    def _replace(self, worker: _Worker, pending: collections.deque[tuple[Any, str]], reason: str) -> DecodeResult:
+    def _replace(self, worker: _Worker, pending: collections.deque[Item], reason: str) -> DecodeResult:
         """The head task killed or hung its worker: record it, requeue the rest, start a new worker."""
         self.crashes += 1
         self._crashes_in_a_row += 1
@@ -221,7 +234,7 @@ class DecodePool:
         culprit = worker.tasks.popleft()
         log.warning("%s: %s; starting a new decode worker", culprit.path, reason)
         for task in reversed(worker.tasks):
-            pending.appendleft((task.key, task.path))
+            pending.appendleft((task.key, task.path, task.known_hashes))
             self._free.append(task.slot)
         self._free.append(culprit.slot)
         worker.conn.close()

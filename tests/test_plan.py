@@ -10,7 +10,7 @@ from pipeline.sinks.base import EXISTING_ERROR_COLUMNS, EXISTING_IMAGE_COLUMNS
 
 IMAGES_SCHEMA = pa.schema([
     ("root", pa.string()), ("path", pa.string()), ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()),
-    ("content_hash", pa.string()),
+    ("content_hash", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
 ])
 ERRORS_SCHEMA = pa.schema([
     ("root", pa.string()), ("path", pa.string()), ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()),
@@ -29,7 +29,7 @@ def scan(*rows: tuple[str, str, int, int]) -> pa.Table:
 
 def images(*rows: tuple[str, str, int, int]) -> pa.Table:
     """(root, path, size, mtime) rows as the committed `images` columns that existing() returns."""
-    return table(IMAGES_SCHEMA, tuple((*row, "hash") for row in rows))
+    return table(IMAGES_SCHEMA, tuple((*row, "hash", 640, 480) for row in rows))
 
 
 def errors(*rows: tuple[str, str, int, int, int]) -> pa.Table:

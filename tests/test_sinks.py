@@ -94,7 +94,7 @@ def test_existing_returns_key_and_change_columns(sink) -> None:
     assert "embedding" not in held.column_names
     row = next(r for r in held.to_pylist() if (r["root"], r["path"]) == KEYS[1])
     assert row == {"root": "/photos", "path": "it's here.jpg", "size_bytes": 100,
-                   "mtime_ns": 1_700_000_000_000_000_001, "content_hash": "h1"}
+                   "mtime_ns": 1_700_000_000_000_000_001, "content_hash": "h1", "width": 640, "height": 480}
     assert sink.existing("errors").to_pylist() == [
         {"root": "/photos", "path": "bad.jpg", "size_bytes": 0, "mtime_ns": 5, "attempts": 3},
     ]

@@ -23,7 +23,7 @@ def shm_path(pool: DecodePool) -> Path:
 def run_pool(pool: DecodePool, names: list[str] = HOSTILE_FILES) -> dict[str, list[str | tuple]]:
     """Decode the hostile files by name; per name, the list of outcomes: an error string or the pixel shape."""
     outcomes: dict[str, list[str | tuple]] = {}
-    for result in pool.imap((name, str(HOSTILE / name)) for name in names):
+    for result in pool.imap((name, str(HOSTILE / name), None) for name in names):
         if result.error is None:
             pixels = np.array(result.pixels)  # copy out of shared memory before the slot is released
             assert pixels.dtype == np.uint8
@@ -68,7 +68,7 @@ def test_pool_pixels_match_a_direct_decode() -> None:
     from pipeline.decode import decode_file
 
     with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
-        for result in pool.imap([("cmyk", str(HOSTILE / "cmyk.jpg"))]):
+        for result in pool.imap([("cmyk", str(HOSTILE / "cmyk.jpg"), None)]):
             pixels = np.array(result.pixels)
             pool.release(result.slot)
     assert np.array_equal(pixels, decode_file(str(HOSTILE / "cmyk.jpg"), SPEC, MAX_PIXELS).pixels)
@@ -103,7 +103,7 @@ def test_pool_replaces_a_crashed_worker(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_unreleased_slots_are_reported_not_deadlocked() -> None:
     with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30, n_slots=1) as pool:
-        stream = pool.imap([("a", str(HOSTILE / "plain.bmp")), ("b", str(HOSTILE / "Mixed.Png"))])
+        stream = pool.imap([("a", str(HOSTILE / "plain.bmp"), None), ("b", str(HOSTILE / "Mixed.Png"), None)])
         first = next(stream)
         assert first.error is None
         with pytest.raises(RuntimeError, match="release"):
@@ -129,3 +129,18 @@ def test_close_after_a_crash_unlinks_the_shared_memory(monkeypatch: pytest.Monke
         run_pool(pool, ["plain.bmp", "Mixed.Png"])
     assert not path.exists()
 
+
+
+def test_known_hash_skips_the_decode() -> None:
+    """A file whose bytes hash to a known vector comes back `reused`, without pixels."""
+    from pipeline.decode import content_hash
+
+    digest = content_hash((HOSTILE / "cmyk.jpg").read_bytes())
+    with DecodePool(SPEC, 1, MAX_PIXELS) as pool:
+        results = list(pool.imap([("cmyk", str(HOSTILE / "cmyk.jpg"), frozenset({digest})),
+                                  ("bmp", str(HOSTILE / "plain.bmp"), frozenset({digest}))]))
+        by_key = {r.key: r for r in results}
+        assert by_key["cmyk"].reused and by_key["cmyk"].pixels is None and by_key["cmyk"].content_hash == digest
+        assert not by_key["bmp"].reused and by_key["bmp"].pixels is not None
+        for result in results:
+            pool.release(result.slot)

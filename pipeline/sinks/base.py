@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 Which = Literal["images", "errors"]
-EXISTING_IMAGE_COLUMNS = ["root", "path", "size_bytes", "mtime_ns", "content_hash"]
+EXISTING_IMAGE_COLUMNS = ["root", "path", "size_bytes", "mtime_ns", "content_hash", "width", "height"]
 EXISTING_ERROR_COLUMNS = ["root", "path", "size_bytes", "mtime_ns", "attempts"]
 
 
@@ -22,6 +22,10 @@ class Sink(Protocol):
 
     def existing(self, which: Which = "images") -> pa.Table:
         """The committed key and change-detection columns (no embeddings)."""
+        ...
+
+    def rows_for_keys(self, keys: pa.Table, columns: list[str]) -> pa.Table:
+        """The `columns` of the `images` rows whose (root, path) is in keys."""
         ...
 
     def delete(self, keys: pa.Table, which: Which) -> None:

@@ -67,6 +67,13 @@ class LanceSink:
             return pa.schema([self.schemas[which].field(c) for c in columns]).empty_table()
         return table.search().select(columns).limit(None).to_arrow().select(columns)
 
+    def rows_for_keys(self, keys: pa.Table, columns: list[str]) -> pa.Table:
+        table = self._table("images")
+        if table is None or keys.num_rows == 0:
+            return pa.schema([self.schema.field(c) for c in columns]).empty_table()
+        parts = [table.search().where(p).select(columns).limit(None).to_arrow() for p in key_predicates(keys)]
+        return pa.concat_tables(parts).select(columns)
+
     def delete(self, keys: pa.Table, which: Which) -> None:
         table = self._table(which)
         if table is None or keys.num_rows == 0:

@@ -60,6 +60,10 @@ class ParquetSink:
     def existing(self, which: Which = "images") -> pa.Table:
         return self.read(which, EXISTING_IMAGE_COLUMNS if which == "images" else EXISTING_ERROR_COLUMNS)
 
+    def rows_for_keys(self, keys: pa.Table, columns: list[str]) -> pa.Table:
+        rows = self.read("images", sorted(set(columns) | {"root", "path"}))
+        return rows.filter(keys_in(rows, keys)).select(columns)
+
     def delete(self, keys: pa.Table, which: Which) -> None:
         """Rewrite each part file that holds one of the keys without those rows."""
         if keys.num_rows == 0:
