@@ -106,8 +106,55 @@ def report(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
     click.echo(Path(folder, name).read_text().rstrip())
 
 
-def _print_json(data: object) -> None:
-    click.echo(json.dumps(data, default=str))
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
+def history(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """List the runs that changed the index (oldest first)."""
+    from pipeline.history import list_history
+
+    config = _load(config_path, overrides)
+    try:
+        entries = list_history(config)
+    except ConfigError as exc:
+        click.echo(f"embindex: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    if as_json:
+        for entry in entries:
+            click.echo(json.dumps(entry, default=str))
+        return
+    click.echo(f"{'run_id':<26} {'version':>7} {'committed_at':<26} {'new':>7} {'changed':>7} {'deleted':>7} "
+               f"{'rows':>9}")
+    for e in entries:
+        click.echo(f"{e['run_id']:<26} {e['version']:>7} {str(e['committed_at'])[:26]:<26} "
+                   f"{_dash(e['files_new']):>7} {_dash(e['files_changed']):>7} {_dash(e['files_deleted']):>7} "
+                   f"{_dash(e['output_rows']):>9}")
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("run_id")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def rollback(config_path: str, run_id: str, overrides: tuple[str, ...]) -> None:
+    """Restore the index to the end of RUN_ID (see `embindex history`)."""
+    from pipeline.history import rollback as restore
+    from pipeline.lock import LockHeld
+
+    config = _load(config_path, overrides)
+    try:
+        counts = restore(config, run_id)
+    except ConfigError as exc:
+        click.echo(f"embindex: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except LockHeld as exc:
+        click.echo(f"embindex: {exc}", err=True)
+        sys.exit(EXIT_LOCKED)
+    click.echo(f"embindex: restored {run_id}: {counts['images']} rows, {counts['errors']} error rows")
 
 
 if __name__ == "__main__":

@@ -76,9 +76,9 @@ def check_identity(config: Config, encoder: Encoder, rebuild: bool) -> bool:
     )
 
 
-def _write_identity(config: Config, encoder: Encoder) -> None:
+def write_identity(config: Config, fingerprint: dict[str, Any]) -> None:
     path = _identity_path(config)
-    fingerprint = encoder.fingerprint()
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     identity = {"fingerprint_id": fingerprint_id(fingerprint), "fingerprint": fingerprint}
     temporary.write_text(json.dumps(identity, indent=2))
@@ -109,6 +109,10 @@ def _pending_items(pending: pa.Table, reuse: VectorReuse) -> Iterator[Item]:
     for batch in pending.to_batches(max_chunksize=4096):
         for row in batch.to_pylist():
             yield row, os.path.join(row["root"], *row["path"].split("/")), reuse.hashes_for_size(row["size_bytes"])
+
+
+def _lance_versions(sinks: list[Sink]) -> dict[str, int]:
+    return {k: v for sink in sinks if isinstance(sink, LanceSink) for k, v in sink.versions().items()}
 
 
 def _gpu_facts(encoder: Encoder) -> dict[str, Any]:
@@ -145,7 +149,8 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         if must_rebuild or rebuild:
             for sink in sinks:
                 sink.drop()
-        _write_identity(config, encoder)
+        write_identity(config, encoder.fingerprint())
+        versions_before = _lance_versions(sinks)
 
         scan_started = time.perf_counter()
         scan = scan_table(config.input.root, config.input.extensions, config.input.include_hidden,
@@ -178,6 +183,10 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                     bar.update(len(items))
                 committer.commit()
                 bar.close()
+        if _lance_versions(sinks) != versions_before:
+            for sink in sinks:
+                if isinstance(sink, LanceSink):
+                    sink.tag(run_id)  # `embindex history` lists it, `embindex rollback` returns to it
 
     wall_s = time.perf_counter() - wall_started
     processing_s = wall_s - model_load_s

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as ds
 import pytest
 
 from pipeline.schema import ERRORS_SCHEMA, error_rows, image_rows, images_schema
@@ -231,10 +232,12 @@ def test_parquet_leaves_no_temporary_files(tmp_path: Path) -> None:
 def test_parquet_remove_temporary_files(tmp_path: Path) -> None:
     sink = make_sink("parquet", tmp_path)
     sink.write(images(), errors([("/photos", "bad.jpg")]))
-    planted = [Path(sink.folders["images"]) / f"part-killed.parquet{TMP_SUFFIX}",
-               Path(sink.folders["errors"]) / f"part-killed.parquet{TMP_SUFFIX}"]
+    planted = [Path(sink.folders["images"]) / f".part-killed.parquet{TMP_SUFFIX}",
+               Path(sink.folders["errors"]) / f".part-killed.parquet{TMP_SUFFIX}"]
     for path in planted:
         path.write_bytes(b"half a parquet file")
+    # Dataset readers skip the dot-named temporary files even before they are cleaned up.
+    assert ds.dataset(sink.folders["images"]).count_rows() == len(KEYS)
     assert sink.remove_temporary_files() == 2
     assert not any(path.exists() for path in planted)
     assert sink.count_rows() == len(KEYS)  # real parts untouched

@@ -85,6 +85,31 @@ class LanceSink:
         table = self._table(which)
         return self.schemas[which].empty_table() if table is None else table.to_arrow()
 
+    # -- versions: every run that changes the tables is tagged with its run id ---------------
+    def versions(self) -> dict[str, int]:
+        return {which: (t.version if (t := self._table(which)) is not None else 0) for which in self.table_names}
+
+    def tag(self, name: str) -> None:
+        for which in self.table_names:
+            table = self._table(which, create=True)  # an empty errors table is still part of the state
+            table.tags.create(name, table.version)
+
+    def tags(self) -> dict[str, dict[str, Any]]:
+        """run id -> {version, timestamp} of the images table."""
+        table = self._table("images")
+        if table is None:
+            return {}
+        stamps = {v["version"]: v["timestamp"] for v in table.list_versions()}
+        return {name: {"version": info["version"], "timestamp": stamps.get(info["version"])}
+                for name, info in table.tags.list().items()}
+
+    def restore(self, name: str) -> None:
+        """Make the tagged state the latest version of both tables (older versions are kept)."""
+        for which in self.table_names:
+            table = self._table(which)
+            if table is not None and name in table.tags.list():
+                table.restore(name)
+
     def count_rows(self, which: Which = "images") -> int:
         table = self._table(which)
         return 0 if table is None else table.count_rows()

@@ -13,7 +13,9 @@ import pyarrow.parquet as pq
 from pipeline.schema import ERRORS_SCHEMA
 from pipeline.sinks.base import EXISTING_ERROR_COLUMNS, EXISTING_IMAGE_COLUMNS, Which, folder_bytes, keys_in
 
-TMP_SUFFIX = ".tmp"
+# A part is written as ".NAME.tmp" and renamed: dataset readers (pyarrow, DuckDB, Spark) skip
+# names starting with "." so a half-written file left by a killed run is never read.
+TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
 
 
 class ParquetSink:
@@ -29,7 +31,8 @@ class ParquetSink:
 
     def remove_temporary_files(self) -> int:
         """Delete part files a killed run left half-written."""
-        stale = [p for folder in self.folders.values() for p in glob.glob(os.path.join(folder, f"*{TMP_SUFFIX}"))]
+        pattern = f"{TMP_PREFIX}*{TMP_SUFFIX}"
+        stale = [p for folder in self.folders.values() for p in glob.glob(os.path.join(folder, pattern))]
         for path in stale:
             os.remove(path)
         return len(stale)
@@ -40,7 +43,7 @@ class ParquetSink:
         folder = self.folders[which]
         os.makedirs(folder, exist_ok=True)
         final = os.path.join(folder, name or f"part-{uuid.uuid4().hex}.parquet")
-        temporary = final + TMP_SUFFIX
+        temporary = os.path.join(folder, TMP_PREFIX + os.path.basename(final) + TMP_SUFFIX)
         pq.write_table(table, temporary)
         # Readers see a part file whole or not at all.
         os.replace(temporary, final)
