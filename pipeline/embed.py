@@ -24,6 +24,7 @@ class Embedded:
 class EncodeTimer:
     encode_s: float = 0.0  # main-thread seconds in the encoder, waits for the GPU included
     decode_wait_s: float = 0.0  # main-thread seconds waiting for decoded images
+    decode_s: float = 0.0  # worker seconds spent decoding, summed over workers
     images: int = 0  # images given to the encoder
     reused: int = 0  # images whose vector came from identical bytes instead
     batch_sizes: list[int] = field(default_factory=list)
@@ -83,6 +84,7 @@ def embed_stream(
     waited = time.perf_counter()
     for result in results:
         timer.decode_wait_s += time.perf_counter() - waited
+        timer.decode_s += result.decode_s
         known = reuse.lookup(result.content_hash) if reuse is not None else None
         if result.error is not None:
             yield result

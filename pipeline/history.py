@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-
 from pipeline.config import Config, ConfigError
+from pipeline.identity import write_identity
 from pipeline.lock import IndexLock
 from pipeline.sinks.lance import LanceSink
 from pipeline.sinks.parquet import ParquetSink
@@ -19,8 +18,7 @@ EXPORT_ROWS = 8192  # rows per Parquet part when the dataset is rewritten after 
 def _lance(config: Config) -> LanceSink:
     if config.output.lancedb is None:
         raise ConfigError("output.lancedb: history and rollback need the LanceDB sink (Parquet keeps no versions)")
-    # The schema is only used to create tables; history reads existing ones.
-    return LanceSink(config.output.lancedb.uri, config.output.lancedb.table, pa.schema([]))
+    return LanceSink(config.output.lancedb.uri, config.output.lancedb.table)
 
 
 def _report(config: Config, run_id: str) -> dict[str, Any]:
@@ -53,12 +51,10 @@ def rollback(config: Config, run_id: str) -> dict[str, int]:
         sink.restore(run_id)
         report = _report(config, run_id)
         if "fingerprint" in report:  # the restored rows' model identity
-            from pipeline.run import write_identity
-
             write_identity(config, report["fingerprint"])
         if config.output.parquet is not None:
             images, errors = sink.read("images"), sink.read("errors")
-            parquet = ParquetSink(config.output.parquet.dir, images.schema)
+            parquet = ParquetSink(config.output.parquet.dir)
             parquet.drop()
             for start in range(0, max(images.num_rows, errors.num_rows), EXPORT_ROWS):
                 parquet.write(images.slice(start, EXPORT_ROWS), errors.slice(start, EXPORT_ROWS))

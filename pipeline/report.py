@@ -21,7 +21,12 @@ SMOKE_TEST_LINE = "**SMOKE TEST: random-weight model, the embeddings are meaning
 class MemoryProbe:
     """Samples host RSS (this process plus its children) and NVML GPU memory in a thread; keeps the peaks."""
 
-    def __init__(self, gpu_index: int | None = None) -> None:
+    def __init__(self, device: Any = None) -> None:
+        gpu_index = (device.index or 0) if getattr(device, "type", None) == "cuda" else None
+        if gpu_index is not None:
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(device)
         self.peak_host_rss_mb = 0.0
         self.peak_main_rss_mb = 0.0
         self.peak_workers_rss_mb = 0.0
@@ -79,6 +84,37 @@ class MemoryProbe:
         self._stop.set()
         self._thread.join()
         self._sample()
+
+
+def gpu_memory_peaks(device: Any) -> dict[str, Any]:
+    """torch's peak allocated/reserved memory since the probe reset them (zero off CUDA)."""
+    if getattr(device, "type", None) != "cuda":
+        return {"gpu_name": None, "peak_vram_allocated_mb": 0.0, "peak_vram_reserved_mb": 0.0}
+    import torch
+
+    mb = 1024 * 1024
+    return {
+        "gpu_name": torch.cuda.get_device_name(device),
+        "peak_vram_allocated_mb": torch.cuda.max_memory_allocated(device) / mb,
+        "peak_vram_reserved_mb": torch.cuda.max_memory_reserved(device) / mb,
+    }
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, show: bool) -> Any:
+    """tqdm on a terminal; nothing in cron logs."""
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", dynamic_ncols=True)
 
 
 def format_markdown(report: dict[str, Any]) -> str:

@@ -30,11 +30,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_config(folder: Path, photos: Path, model: str, shard_size: int, batch_size: int) -> Path:
+def write_config(folder: Path, photos: Path, model: str, shard_size: int, batch_size: int, workers: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     config = {
         "input": {"root": str(photos)},
-        "decode": {"workers": 2},
+        "decode": {"workers": workers},
         "encoder": {"model": model, "device": "cpu", "batch_size": batch_size},
         "output": {"lancedb": {"uri": "./index"}, "parquet": {"dir": "./embeddings"}},
         "run": {"report_dir": "./runs", "shard_size": shard_size},
@@ -91,8 +91,10 @@ def main() -> None:
     # Start-up (imports, model load) takes ~4 s on 2 cores and a whole run ~9 s: kill in between.
     parser.add_argument("--min-delay", type=float, default=3.0, help="kill no sooner than this after the start")
     parser.add_argument("--max-delay", type=float, default=9.0, help="kill within this many seconds of the start")
-    parser.add_argument("--shard-size", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=16)
+    # Small shards, one decode worker: a run takes long enough for kills to land mid-work and mid-commit.
+    parser.add_argument("--shard-size", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -103,11 +105,11 @@ def main() -> None:
     shutil.copytree(args.images, photos)
     n_images = len(list(photos.iterdir()))
 
-    clean = write_config(args.work / "clean", photos, model, args.shard_size, args.batch_size)
+    clean = write_config(args.work / "clean", photos, model, args.shard_size, args.batch_size, args.workers)
     subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(clean), "--quiet"], cwd=REPO, check=True)
     reference = read_index(args.work / "clean")
 
-    killed = write_config(args.work / "killed", photos, model, args.shard_size, args.batch_size)
+    killed = write_config(args.work / "killed", photos, model, args.shard_size, args.batch_size, args.workers)
     kills, rows_after_kill, orphans = [], [], []
     for _ in range(args.trials):
         process = start_run(killed)

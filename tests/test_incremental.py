@@ -149,3 +149,24 @@ def test_errors_are_retried_when_changed_or_asked(tmp_path: Path, tiny_models: P
     report, encoded = _run(config)
     assert encoded == 1 and attempts() == []
     assert set(_table(tmp_path)) == {"good.jpg", "bad.jpg"}
+
+
+def test_a_model_change_refuses_without_rebuild(tmp_path: Path, tiny_models: Path) -> None:
+    from tests.conftest import run_cli
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    shutil.copy(SOURCES[0], root / "a.jpg")
+    config = write_config(tmp_path, "./photos", str(tiny_models / "clip"))
+    assert run_cli("run", str(config), "--quiet").returncode == 0
+    before = _table(tmp_path)
+
+    other_model = ["--set", f"encoder.model={tiny_models / 'dinov2'}"]
+    refused = run_cli("run", str(config), "--quiet", *other_model)
+    assert refused.returncode == 2
+    assert "--rebuild" in refused.stderr and "encoder.model" in refused.stderr
+    assert _table(tmp_path)["a.jpg"]["model"] == before["a.jpg"]["model"]
+
+    rebuilt = run_cli("run", str(config), "--quiet", "--rebuild", *other_model)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert _table(tmp_path)["a.jpg"]["model"] == str(tiny_models / "dinov2")

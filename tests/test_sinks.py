@@ -27,8 +27,8 @@ KEYS = [
 ]
 def make_sink(kind: str, tmp_path: Path) -> LanceSink | ParquetSink:
     if kind == "lance":
-        return LanceSink(str(tmp_path / "index"), "images", SCHEMA)
-    return ParquetSink(str(tmp_path / "embeddings"), SCHEMA)
+        return LanceSink(str(tmp_path / "index"), "images")
+    return ParquetSink(str(tmp_path / "embeddings"))
 
 
 @pytest.fixture(params=["lance", "parquet"])

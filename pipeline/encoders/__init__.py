@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ConfigError, EncoderConfig
-from pipeline.encoders.base import Encoder, HFSingleVectorEncoder, resolve_device, resolve_dtype
+from pipeline.encoders.base import (
+    Encoder,
+    HFSingleVectorEncoder,
+    input_spec_from_processor,
+    resolve_device,
+    resolve_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +28,11 @@ class ModelLoadError(Exception):
 
 def _load_error(model: str, exc: BaseException) -> ModelLoadError:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if os.path.isdir(model):
+        return ModelLoadError(
+            f"could not load the model in {model} ({reason}). encoder.model must name a folder saved by "
+            "Hugging Face `save_pretrained` or `hf download`: config.json, the weights and the processor files."
+        )
     return ModelLoadError(
         f"could not load model {model!r} ({reason}). If this machine cannot reach the Hugging Face Hub, "
         f"download the model where it can (e.g. `hf download {model} --local-dir ./models/NAME`), copy the "
@@ -44,6 +56,25 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def weights_digest(folder: str) -> str:
+    """A cheap identity of a local model's weights: names, sizes, and the first and last MiB of each
+    weight file (a full hash of a 15 GB checkpoint would cost a minute every night)."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith((".safetensors", ".bin", ".pt", ".pth")):
+            continue
+        path = os.path.join(folder, name)
+        size = os.path.getsize(path)
+        digest.update(f"{name}:{size}".encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(1 << 20))
+            handle.seek(max(0, size - (1 << 20)))
+            digest.update(handle.read(1 << 20))
+    return "weights:" + digest.hexdigest()
 
 
 def _encoder_class(kind: str) -> type[HFSingleVectorEncoder]:
@@ -77,14 +108,45 @@ def detect_kind(model_config: Any, requested: str) -> str:
     return KIND_BY_MODEL_TYPE[model_type]
 
 
-def load_encoder(config: EncoderConfig) -> Encoder:
-    """Load model, image processor and tokenizer with the real from_pretrained path."""
-    import torch
-    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+@dataclass
+class ModelSource:
+    """What can be known of a model without loading its weights: enough to check the index's identity."""
+
+    source: str
+    revision: str | None
+    revision_hash: str | None  # hub commit, or a digest of a local folder's weight files
+    kind: str
+    device: Any
+    dtype: Any
+    processor: Any
+    offline: bool
+    smoke_test: bool
+
+    @property
+    def name(self) -> str:
+        return self.source if self.revision is None else f"{self.source}@{self.revision}"
+
+    def identity(self) -> dict[str, Any]:
+        """The encoder fingerprint less the embedding dimension (known only once loaded)."""
+        spec = input_spec_from_processor(self.processor)
+        return {
+            "model": self.name,
+            "revision": self.revision_hash,
+            "kind": self.kind,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "preprocess": {
+                "resize": spec.resize, "size": list(spec.size), "crop": list(spec.crop or []),
+                "resample": spec.resample, "mean": list(spec.mean), "std": list(spec.std),
+            },
+        }
+
+
+def describe_model(config: EncoderConfig) -> ModelSource:
+    """Read config.json and the image processor (small files), not the weights."""
+    from transformers import AutoConfig, AutoImageProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would fill cron logs
-
     source, revision = config.model, config.revision
     if os.path.isabs(source) and not os.path.isdir(source):
         raise ModelLoadError(f"encoder.model: folder not found: {source}")
@@ -95,12 +157,26 @@ def load_encoder(config: EncoderConfig) -> Encoder:
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
     kind = detect_kind(model_config, config.kind)
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
     try:
-        options: dict[str, Any] = {"revision": revision, "local_files_only": offline}
+        processor = AutoImageProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
+    except (OSError, ValueError) as exc:
+        raise _load_error(source, exc) from None
+    device = resolve_device(config.device)
+    revision_hash = weights_digest(source) if os.path.isdir(source) else getattr(model_config, "_commit_hash", None)
+    return ModelSource(source, revision, revision_hash, kind, device, resolve_dtype(config.dtype, device), processor,
+                       offline, bool(getattr(model_config, "embindex_smoke_test", False)))
+
+
+def load_encoder(config: EncoderConfig, described: ModelSource | None = None) -> Encoder:
+    """Load model, image processor and tokenizer with the real from_pretrained path."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    model_source = described or describe_model(config)
+    source, kind, device, dtype = model_source.source, model_source.kind, model_source.device, model_source.dtype
+    try:
+        options: dict[str, Any] = {"revision": model_source.revision, "local_files_only": model_source.offline}
         model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **options)
-        processor = AutoImageProcessor.from_pretrained(source, **options)
         tokenizer = AutoTokenizer.from_pretrained(source, **options) if kind != "dinov2" else None
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
@@ -109,12 +185,10 @@ def load_encoder(config: EncoderConfig) -> Encoder:
         # The main process only stages batches for the GPU; torch's CPU pool (one thread per core,
         # spinning between ops) would compete with the decode workers for every core.
         torch.set_num_threads(2)
-    if getattr(model_config, "embindex_smoke_test", False):
+    if model_source.smoke_test:
         log.warning("SMOKE TEST: %s has random weights (scripts/make_*_models.py); its embeddings are "
                     "meaningless. Set encoder.model to a real model for real use.", source)
-    name = source if revision is None else f"{source}@{revision}"
-    revision_hash = getattr(model_config, "_commit_hash", None)
-    log.info("loaded %s (%s) on %s as %s", name, kind, device, dtype)
-    encoder = _encoder_class(kind)(model, processor, tokenizer, name, kind, device, dtype, revision_hash)
-    encoder.smoke_test = bool(getattr(model_config, "embindex_smoke_test", False))
+    log.info("loaded %s (%s) on %s as %s", model_source.name, kind, device, dtype)
+    encoder = _encoder_class(kind)(model, model_source.processor, tokenizer, model_source.identity(), device, dtype)
+    encoder.smoke_test = model_source.smoke_test
     return encoder

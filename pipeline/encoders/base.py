@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Protocol
 
 import numpy as np
@@ -50,11 +48,6 @@ def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
     return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
 
 
-def fingerprint_id(fingerprint: dict[str, Any]) -> str:
-    """A short stable id of everything that decides the vectors: a change means a new index."""
-    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def input_spec_from_processor(processor: Any) -> InputSpec:
     """Read the resize/crop/normalise policy off a Hugging Face image processor."""
     size = dict(processor.size)
@@ -88,12 +81,12 @@ class HFSingleVectorEncoder:
     multivector = False
     smoke_test = False  # a tiny random model: runs work, vectors mean nothing
 
-    def __init__(self, model: torch.nn.Module, processor: Any, tokenizer: Any, name: str, kind: str,
-                 device: torch.device, dtype: torch.dtype, revision_hash: str | None) -> None:
+    def __init__(self, model: torch.nn.Module, processor: Any, tokenizer: Any, identity: dict[str, Any],
+                 device: torch.device, dtype: torch.dtype) -> None:
         self.model = model.eval()
         self.processor, self.tokenizer = processor, tokenizer
-        self.name, self.kind, self.device, self.dtype = name, kind, device, dtype
-        self.revision_hash = revision_hash
+        self.identity = identity  # the fingerprint less the dimension (see encoders.ModelSource)
+        self.name, self.kind, self.device, self.dtype = identity["model"], identity["kind"], device, dtype
         self._spec = input_spec_from_processor(processor)
         # Normalisation runs on the device: (x * rescale - mean) / std == x * scale + shift
         mean = torch.tensor(self._spec.mean, device=device).view(1, 3, 1, 1)
@@ -125,15 +118,4 @@ class HFSingleVectorEncoder:
         return F.normalize(self._text_features(texts).float(), dim=-1).cpu().numpy()
 
     def fingerprint(self) -> dict[str, Any]:
-        spec = self._spec
-        return {
-            "model": self.name,
-            "revision": self.revision_hash,
-            "kind": self.kind,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "dim": self.dim,
-            "preprocess": {
-                "resize": spec.resize, "size": list(spec.size), "crop": list(spec.crop or []),
-                "resample": spec.resample, "mean": list(spec.mean), "std": list(spec.std),
-            },
-        }
+        return {**self.identity, "dim": self.dim}

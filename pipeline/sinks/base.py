@@ -41,6 +41,15 @@ class Sink(Protocol):
     def count_rows(self, which: Which = "images") -> int: ...
 
 
+def existing_schema(which: Which) -> pa.Schema:
+    """The columns existing() returns, for an index that has no table yet."""
+    from pipeline.schema import ERRORS_SCHEMA, images_schema
+
+    full = images_schema(1) if which == "images" else ERRORS_SCHEMA
+    columns = EXISTING_IMAGE_COLUMNS if which == "images" else EXISTING_ERROR_COLUMNS
+    return pa.schema([full.field(c) for c in columns])
+
+
 def key_strings(table: pa.Table) -> pa.Array:
     """(root, path) as one string column, for set operations with pyarrow compute."""
     if table.num_rows == 0:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.schema import ERRORS_SCHEMA, KEY_COLUMNS
-from pipeline.sinks.base import EXISTING_ERROR_COLUMNS, EXISTING_IMAGE_COLUMNS, Which, folder_bytes
+from pipeline.schema import ERRORS_SCHEMA, KEY_COLUMNS, images_schema
+from pipeline.sinks.base import EXISTING_ERROR_COLUMNS, EXISTING_IMAGE_COLUMNS, Which, existing_schema, folder_bytes
 
 DELETE_CHUNK = 512  # keys per delete predicate: keeps the SQL text small
 
@@ -33,27 +33,26 @@ def key_predicates(keys: pa.Table) -> list[str]:
 class LanceSink:
     name = "lancedb"
 
-    def __init__(self, uri: str, table: str, schema: pa.Schema) -> None:
+    def __init__(self, uri: str, table: str) -> None:
         import lancedb  # lazily: the GPU benchmark machines run without it
 
-        self.uri, self.schema = uri, schema
+        self.uri = uri
         self.table_names = {"images": table, "errors": f"{table}_errors"}
-        self.schemas = {"images": schema, "errors": ERRORS_SCHEMA}
         self._db = lancedb.connect(uri)
 
-    def _table(self, which: Which, create: bool = False) -> Any | None:
+    def _table(self, which: Which, create_with: pa.Schema | None = None) -> Any | None:
         name = self.table_names[which]
         try:
             return self._db.open_table(name)
         except (ValueError, FileNotFoundError):
-            if not create:
+            if create_with is None:
                 return None
-            return self._db.create_table(name, schema=self.schemas[which], exist_ok=True)
+            return self._db.create_table(name, schema=create_with, exist_ok=True)
 
     def _upsert(self, which: Which, rows: pa.Table) -> None:
         if rows.num_rows == 0:
             return
-        table = self._table(which, create=True)
+        table = self._table(which, create_with=rows.schema)
         (table.merge_insert(KEY_COLUMNS).when_matched_update_all().when_not_matched_insert_all().execute(rows))
 
     def write(self, rows: pa.Table, errors: pa.Table) -> None:
@@ -64,13 +63,13 @@ class LanceSink:
         columns = EXISTING_IMAGE_COLUMNS if which == "images" else EXISTING_ERROR_COLUMNS
         table = self._table(which)
         if table is None:
-            return pa.schema([self.schemas[which].field(c) for c in columns]).empty_table()
+            return existing_schema(which).empty_table()
         return table.search().select(columns).limit(None).to_arrow().select(columns)
 
     def rows_for_keys(self, keys: pa.Table, columns: list[str]) -> pa.Table:
         table = self._table("images")
         if table is None or keys.num_rows == 0:
-            return pa.schema([self.schema.field(c) for c in columns]).empty_table()
+            return pa.schema([images_schema(1).field(c) for c in columns]).empty_table()
         parts = [table.search().where(p).select(columns).limit(None).to_arrow() for p in key_predicates(keys)]
         return pa.concat_tables(parts).select(columns)
 
@@ -83,7 +82,7 @@ class LanceSink:
 
     def read(self, which: Which = "images") -> pa.Table:
         table = self._table(which)
-        return self.schemas[which].empty_table() if table is None else table.to_arrow()
+        return existing_schema(which).empty_table() if table is None else table.to_arrow()
 
     # -- versions: every run that changes the tables is tagged with its run id ---------------
     def versions(self) -> dict[str, int]:
@@ -91,7 +90,8 @@ class LanceSink:
 
     def tag(self, name: str) -> None:
         for which in self.table_names:
-            table = self._table(which, create=True)  # an empty errors table is still part of the state
+            # An empty errors table is still part of the state a rollback returns to.
+            table = self._table(which, create_with=ERRORS_SCHEMA)
             table.tags.create(name, table.version)
 
     def tags(self) -> dict[str, dict[str, Any]]:

@@ -11,7 +11,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.schema import ERRORS_SCHEMA
-from pipeline.sinks.base import EXISTING_ERROR_COLUMNS, EXISTING_IMAGE_COLUMNS, Which, folder_bytes, keys_in
+from pipeline.sinks.base import (
+    EXISTING_ERROR_COLUMNS,
+    EXISTING_IMAGE_COLUMNS,
+    Which,
+    existing_schema,
+    folder_bytes,
+    keys_in,
+)
 
 # A part is written as ".NAME.tmp" and renamed: dataset readers (pyarrow, DuckDB, Spark) skip
 # names starting with "." so a half-written file left by a killed run is never read.
@@ -21,10 +28,9 @@ TMP_PREFIX, TMP_SUFFIX = ".", ".tmp"
 class ParquetSink:
     name = "parquet"
 
-    def __init__(self, directory: str, schema: pa.Schema) -> None:
+    def __init__(self, directory: str) -> None:
         self.directory = directory
         self.folders = {"images": os.path.join(directory, "images"), "errors": os.path.join(directory, "images_errors")}
-        self.schemas = {"images": schema, "errors": ERRORS_SCHEMA}
 
     def _parts(self, which: Which) -> list[str]:
         return sorted(glob.glob(os.path.join(self.folders[which], "*.parquet")))
@@ -54,9 +60,8 @@ class ParquetSink:
 
     def read(self, which: Which = "images", columns: list[str] | None = None) -> pa.Table:
         parts = self._parts(which)
-        schema = self.schemas[which]
         if not parts:
-            empty = schema.empty_table()
+            empty = existing_schema(which).empty_table() if which == "images" else ERRORS_SCHEMA.empty_table()
             return empty.select(columns) if columns else empty
         return pa.concat_tables(pq.read_table(p, columns=columns) for p in parts)
 
