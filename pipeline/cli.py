@@ -91,6 +91,48 @@ def run(config_path: str, overrides: tuple[str, ...], rebuild: bool, retry_error
 
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--text", help="Search by this text (CLIP and SigLIP families).")
+@click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Search by this image file.")
+@click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="How many results.")
+@click.option("--where", help="SQL filter on the table's columns, e.g. \"width > 1000\" or \"path LIKE 'cats/%'\".")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per result line.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def query(config_path: str, text: str | None, image_path: str | None, k: int, where: str | None, as_json: bool,
+          overrides: tuple[str, ...]) -> None:
+    """Top-k search of the built index by text or image."""
+    _setup_logging(quiet=True, verbose=False)
+    if (text is None) == (image_path is None):
+        click.echo("embindex: give exactly one of --text or --image", err=True)
+        sys.exit(EXIT_USAGE)
+    config = _load(config_path, overrides)
+    from pipeline.encoders import ModelLoadError
+    from pipeline.query import Index, QueryError
+
+    try:
+        index = Index(config)
+        hits = index.search_text(text, k, where) if text is not None else index.search_image(image_path, k, where)
+    except ConfigError as exc:
+        click.echo(f"embindex: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except (QueryError, NotImplementedError) as exc:
+        click.echo(f"embindex: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except ModelLoadError as exc:
+        click.echo(f"embindex: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    rows = hits.to_pylist()
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row, default=str, ensure_ascii=False))
+        return
+    width = max([len(r["path"]) for r in rows] + [4])
+    click.echo(f"{'rank':>4}  {'score':>7}  {'path':<{width}}  root")
+    for row in rows:
+        click.echo(f"{row['rank']:>4}  {row['score']:>7.4f}  {row['path']:<{width}}  {row['root']}")
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json instead of report.md.")
 def report(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:

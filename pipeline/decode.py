@@ -155,8 +155,12 @@ def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft
     _load(image)
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
-    pixels = np.asarray(_resize_and_crop(_to_rgb(image), spec), dtype=np.uint8)
-    return DecodedImage(pixels, width, height, digest, time.perf_counter() - started)
+    return DecodedImage(prepare_image(image, spec), width, height, digest, time.perf_counter() - started)
+
+
+def prepare_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
+    """A loaded, upright PIL image -> the encoder's uint8 (H, W, 3) pixels."""
+    return np.asarray(_resize_and_crop(_to_rgb(image), spec), dtype=np.uint8)
 
 
 def read_file(path: str) -> bytes:

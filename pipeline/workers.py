@@ -44,10 +44,13 @@ def usable_cores() -> int:
 
 
 def _inject_fault(path: str) -> None:
-    """Test hook: EMBINDEX_FAULT=crash:NAME or hang:NAME makes the worker die or hang on that file."""
+    """Test hook: EMBINDEX_FAULT=crash:NAME or hang:NAME makes the worker die or hang on that file;
+    slow:SECONDS makes every file take that much longer (so kill tests can land mid-run)."""
     fault = os.environ.get("EMBINDEX_FAULT", "")
     action, _, name = fault.partition(":")
-    if name and os.path.basename(path) == name:
+    if action == "slow":
+        time.sleep(float(name))
+    elif name and os.path.basename(path) == name:
         if action == "crash":
             os._exit(139)
         if action == "hang":

@@ -44,9 +44,25 @@ def write_config(folder: Path, photos: Path, model: str, shard_size: int, batch_
     return path
 
 
-def start_run(config: Path) -> subprocess.Popen:
+def start_run(config: Path, slow_s: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "EMBINDEX_FAULT": f"slow:{slow_s}"} if slow_s else None
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--quiet"], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def committed_rows(folder: Path) -> int:
+    try:
+        return lancedb.connect(str(folder / "index")).open_table("images").count_rows()
+    except (ValueError, FileNotFoundError, OSError):
+        return 0
+
+
+def wait_for_next_commit(process: subprocess.Popen, folder: Path, timeout_s: float = 30.0) -> None:
+    """Return once the run has committed a new shard (or ended): the kill then lands mid-work."""
+    before = committed_rows(folder)
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline and committed_rows(folder) == before:
+        time.sleep(0.05)
 
 
 def read_index(folder: Path) -> dict[str, np.ndarray]:
@@ -88,13 +104,14 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=REPO.parent / "shared" / "data" / "images")
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--work", type=Path, required=True)
-    # Start-up (imports, model load) takes ~4 s on 2 cores and a whole run ~9 s: kill in between.
-    parser.add_argument("--min-delay", type=float, default=3.0, help="kill no sooner than this after the start")
+    # Start-up (imports, model load) takes ~4 s on 2 cores: kill before, during and after it.
+    parser.add_argument("--min-delay", type=float, default=0.5, help="kill no sooner than this after the start")
     parser.add_argument("--max-delay", type=float, default=9.0, help="kill within this many seconds of the start")
     # Small shards, one decode worker: a run takes long enough for kills to land mid-work and mid-commit.
-    parser.add_argument("--shard-size", type=int, default=24)
+    parser.add_argument("--shard-size", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--slow", type=float, default=0.02, help="extra seconds per file decode in killed runs")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -111,11 +128,18 @@ def main() -> None:
 
     killed = write_config(args.work / "killed", photos, model, args.shard_size, args.batch_size, args.workers)
     kills, rows_after_kill, orphans = [], [], []
-    for _ in range(args.trials):
-        process = start_run(killed)
-        delay = rng.uniform(args.min_delay, args.max_delay)
+    for trial in range(args.trials):
+        # Killed runs decode slowly (EMBINDEX_FAULT=slow) so that 20 kills spread over the work
+        # instead of the first two finishing it; the vectors are the same, only later.
+        process = start_run(killed, args.slow)
+        started = time.monotonic()
+        if trial % 4 == 0:  # any moment: start-up, scan, the first batches
+            delay = rng.uniform(args.min_delay, args.max_delay)
+        else:  # mid-work: after the run's next commit, inside a later batch or commit
+            wait_for_next_commit(process, args.work / "killed")
+            delay = time.monotonic() - started + rng.uniform(0.0, 1.0)
         try:
-            process.wait(timeout=delay)
+            process.wait(timeout=max(0.0, delay - (time.monotonic() - started)))
             kills.append(None)  # finished before its kill time
         except subprocess.TimeoutExpired:
             children = children_of(process.pid)
