@@ -74,6 +74,15 @@ class OutputConfig(_Strict):
     parquet: ParquetOutput | None = None
 
 
+class SearchConfig(_Strict):
+    # Below this many rows search is exact (brute force); from it on `embindex run` keeps an ANN index.
+    ann_min_rows: int = Field(100_000, ge=1)
+    ann_index: Literal["ivf_pq", "ivf_hnsw_sq"] = "ivf_pq"
+    nprobes: int = Field(20, ge=1)  # IVF partitions searched per query
+    refine_factor: int | None = Field(10, ge=1)  # re-rank refine_factor * k candidates exactly (PQ)
+    ef: int = Field(100, ge=1)  # HNSW search breadth
+
+
 class RunConfig(_Strict):
     report_dir: str = "./runs"
     max_error_rate: float = Field(0.05, ge=0, le=1)
@@ -86,6 +95,7 @@ class Config(_Strict):
     encoder: EncoderConfig = Field(default_factory=EncoderConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
     config_path: str | None = Field(None, exclude=True)
 
     @property

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
+from pipeline.ann import has_vector_index
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.decode import DecodeError, decode_file, prepare_image
 from pipeline.encoders import describe_model, load_encoder
@@ -65,6 +66,11 @@ class Index:
         table = self._table()
         query = table.search(np.asarray(vector, dtype=np.float32), vector_column_name="embedding")
         query = query.distance_type("cosine").select([*RESULT_COLUMNS, "_distance"]).limit(k)
+        if has_vector_index(table):  # below search.ann_min_rows there is none and search is exact
+            search = self.config.search
+            query = query.nprobes(search.nprobes).ef(search.ef)
+            if search.refine_factor:
+                query = query.refine_factor(search.refine_factor)
         if where:
             query = query.where(where, prefilter=True)
         try:

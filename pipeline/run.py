@@ -25,7 +25,7 @@ from pipeline.report import MemoryProbe, gpu_memory_peaks, progress_bar, write_r
 from pipeline.reuse import VectorReuse, load_known_rows
 from pipeline.scan import scan_table
 from pipeline.schema import images_schema
-from pipeline.sinks import lance_versions, open_sinks, prepare_sinks, tag_run
+from pipeline.sinks import finish_run, lance_versions, open_sinks, prepare_sinks
 from pipeline.workers import DecodePool, Item, usable_cores
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,9 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                 committer.commit()
                 bar.close()
         write_identity(config, identity)
+        maintenance = None
         if lance_versions(sinks) != versions_before:
-            tag_run(sinks, run_id)
+            maintenance = finish_run(sinks, run_id, config.search, identity.get("dim"))
 
     wall_s = time.perf_counter() - wall_started
     processing_s = wall_s - model_load_s
@@ -155,6 +156,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "output_error_rows": sinks[0].count_rows("errors"),
         "storage_bytes": sum(sink.storage_bytes() for sink in sinks),
         "sinks": [sink.name for sink in sinks],
+        "index_maintenance": maintenance,
     }
     folder = write_report(config.run.report_dir, report)
     too_many = report["error_rate"] > config.run.max_error_rate

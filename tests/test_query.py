@@ -117,3 +117,18 @@ def test_query_while_a_run_is_writing(tmp_path: Path, tiny_models: Path) -> None
     finally:
         writer.wait(timeout=120)
     assert writer.returncode == 0, writer.stderr
+
+
+def test_an_ann_index_is_built_past_the_threshold_and_used(tmp_path: Path, tiny_models: Path) -> None:
+    import lancedb
+
+    from pipeline.ann import has_vector_index
+
+    config = write_config(tmp_path, str(IMAGES), str(tiny_models / "clip"), search={"ann_min_rows": 300})
+    assert run_cli("run", str(config), "--quiet").returncode == 0
+    report = json.loads(sorted((tmp_path / "runs").glob("*/report.json"))[-1].read_text())
+    assert report["index_maintenance"]["action"] == "built IVF_PQ"
+    assert has_vector_index(lancedb.connect(str(tmp_path / "index")).open_table("images"))
+    index = Index.open(config)
+    for path in sorted(IMAGES.iterdir())[::40]:
+        assert index.search_image(path, k=3)["path"][0].as_py() == path.name

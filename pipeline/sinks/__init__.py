@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.config import Config
+from pipeline.config import Config, SearchConfig
 from pipeline.plan import Plan
 from pipeline.sinks.base import Sink
 from pipeline.sinks.lance import LanceSink
@@ -44,8 +44,16 @@ def lance_versions(sinks: list[Sink]) -> dict[str, int]:
     return {k: v for sink in sinks if isinstance(sink, LanceSink) for k, v in sink.versions().items()}
 
 
-def tag_run(sinks: list[Sink], run_id: str) -> None:
-    """`embindex history` lists the tag, `embindex rollback` returns to it."""
+def finish_run(sinks: list[Sink], run_id: str, search: SearchConfig, dim: int | None) -> dict | None:
+    """After a run that changed the LanceDB tables: maintain the search index, then tag the final
+    version with the run id (`embindex history` lists it, `embindex rollback` returns to it)."""
+    from pipeline.ann import maintain
+
+    done = None
     for sink in sinks:
         if isinstance(sink, LanceSink):
+            table = sink._table("images")
+            if table is not None and dim is not None:
+                done = maintain(table, search, dim)
             sink.tag(run_id)
+    return done
