@@ -73,7 +73,8 @@ def main() -> None:
     write_s = time.perf_counter() - started
 
     random_queries = unit(rng.normal(size=(args.queries, args.dim)))
-    near_queries = unit(data[rng.integers(0, args.rows, args.queries)] + 0.05 * rng.normal(size=(args.queries, args.dim)))
+    noise = 0.05 * rng.normal(size=(args.queries, args.dim))
+    near_queries = unit(data[rng.integers(0, args.rows, args.queries)] + noise)
     truth = {"random": exact_top10(data, random_queries), "near": exact_top10(data, near_queries)}
     queries = {"random": random_queries, "near": near_queries}
     results = {"rows": args.rows, "dim": args.dim, "write_s": round(write_s, 1), "indexes": []}
