@@ -150,6 +150,63 @@ def report(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
 
 @main.command()
 @click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--batch-sizes", default="1,4,8,16,32", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--limit", type=click.IntRange(min=1), help="Embed only the first N files per batch size.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Where bench.json, bench.md and bench.png go [run.report_dir/bench].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+def bench(config_path: str, batch_sizes: str, limit: int | None, out_dir: str | None,
+          overrides: tuple[str, ...]) -> None:
+    """Batch-size sweep of the real pipeline: peak memory, time and images/s per batch size."""
+    _setup_logging(quiet=False, verbose=False)
+    config = _load(config_path, overrides)
+    try:
+        sizes = [int(size) for size in batch_sizes.split(",") if size.strip()]
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        click.echo(f"embindex: --batch-sizes: expected whole numbers >= 1 like 1,4,8 (got {batch_sizes!r})", err=True)
+        sys.exit(EXIT_USAGE)
+    from pipeline.bench import format_table, sweep, write_outputs
+    from pipeline.encoders import ModelLoadError
+
+    folder = Path(out_dir) if out_dir else Path(config.run.report_dir) / "bench"
+    try:
+        rows = sweep(config, sizes, limit, folder)
+    except ModelLoadError as exc:
+        click.echo(f"embindex: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+    write_outputs(rows, config, folder)
+    click.echo(format_table(rows).rstrip())
+    click.echo(f"embindex: wrote {folder / 'bench.md'}, bench.json and bench.png")
+
+
+@main.command()
+@click.argument("out_dir", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--count", type=click.IntRange(min=1), required=True)
+@click.option("--width-mean", type=click.FloatRange(min=1), default=640, show_default=True)
+@click.option("--width-stddev", type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option("--height-mean", type=click.FloatRange(min=1), default=480, show_default=True)
+@click.option("--height-stddev", type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option("--format", "image_format", type=click.Choice(["png", "jpeg", "random"]), default="jpeg",
+              show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), help="Writer processes [all cores].")
+def synth(out_dir: str, count: int, width_mean: float, width_stddev: float, height_mean: float,
+          height_stddev: float, image_format: str, seed: int, workers: int | None) -> None:
+    """Write COUNT synthetic photo-like images of normally distributed sizes, for benchmarks."""
+    import time
+
+    from pipeline.synth import SynthSpec, write_corpus
+
+    started = time.perf_counter()
+    spec = SynthSpec(count, width_mean, width_stddev, height_mean, height_stddev, image_format, seed)
+    written = write_corpus(out_dir, spec, workers)
+    click.echo(f"embindex: wrote {written} images to {out_dir} in {time.perf_counter() - started:.1f} s")
+
+
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
 def history(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:

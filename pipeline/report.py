@@ -31,6 +31,7 @@ class MemoryProbe:
         self.peak_main_rss_mb = 0.0
         self.peak_workers_rss_mb = 0.0
         self.peak_nvml_used_mb: float | None = None
+        self._busy_samples: list[int] = []  # NVML utilisation: % of the sample period a kernel ran
         self._stop = threading.Event()
         self._nvml_handle = self._open_nvml(gpu_index) if gpu_index is not None else None
         self._thread = threading.Thread(target=self._loop, name="memory-probe", daemon=True)
@@ -67,6 +68,12 @@ class MemoryProbe:
                 info = pynvml.nvmlDeviceGetMemoryInfo(self._nvml_handle)
             used = info.used / mb
             self.peak_nvml_used_mb = max(self.peak_nvml_used_mb or 0.0, used)
+            self._busy_samples.append(pynvml.nvmlDeviceGetUtilizationRates(self._nvml_handle).gpu)
+
+    @property
+    def gpu_busy_pct(self) -> float | None:
+        """Mean GPU utilisation over the run (NVML), None without NVML."""
+        return sum(self._busy_samples) / len(self._busy_samples) if self._busy_samples else None
 
     def _loop(self) -> None:
         while not self._stop.wait(SAMPLE_EVERY_S):

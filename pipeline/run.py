@@ -53,7 +53,7 @@ def _remove_stale_temporaries(config: Config) -> None:
 
 
 def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False, progress: bool | None = None,
-              encoder: Encoder | None = None) -> RunResult:
+              encoder: Encoder | None = None, limit: int | None = None) -> RunResult:
     """Index the configured roots once; the caller maps exceptions to exit codes.
 
     The model's weights are loaded only when some file needs encoding: a night with nothing new
@@ -79,6 +79,8 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                           config.input.follow_symlinks)
         indexed = sinks[0].existing("images")
         plan = make_plan(scan, indexed, sinks[0].existing("errors"), retry_errors)
+        if limit is not None:  # `embindex bench --limit`: the first N pending files
+            plan.pending = plan.pending.slice(0, limit)
         # Read the vectors that renamed, copied or touched files may reuse before anything is deleted.
         reuse = VectorReuse(load_known_rows(sinks[0], plan.pending, indexed), indexed, plan.pending)
         prepare_sinks(sinks, plan)
@@ -127,6 +129,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "dtype": identity["dtype"],
         **gpu_memory_peaks(device),
         "peak_vram_nvml_mb": memory.peak_nvml_used_mb,
+        "gpu_busy_pct": memory.gpu_busy_pct,
         "batch_size": config.encoder.batch_size,
         "decode_workers": n_workers,
         "files_scanned": plan.n_scanned,
