@@ -43,6 +43,8 @@ def sweep(config: Config, batch_sizes: list[int], limit: int | None, out_dir: Pa
     encoder.encode_images(torch.zeros((1, height, width, 3), dtype=torch.uint8))  # CUDA context, kernels
     rows = []
     for batch_size in batch_sizes:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the last batch size's cached blocks would count as this one's peak
         scratch = out_dir / f"scratch-bs{batch_size}"
         shutil.rmtree(scratch, ignore_errors=True)
         command = f"embindex run {config.config_path} --set encoder.batch_size={batch_size}"
@@ -95,7 +97,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> bool:
+def plot(rows: list[dict[str, Any]], path: Path, model: str = "") -> bool:
     """images/s and peak VRAM against batch size; False (and a log line) without matplotlib."""
     try:
         import matplotlib
@@ -116,7 +118,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> bool:
     memory_axis.plot(sizes, [(r["peak_vram_nvml_mb"] or r["peak_vram_reserved_mb"]) / 1024 for r in done], "s--",
                      color="tab:red")
     memory_axis.set_ylabel("peak VRAM (GB)", color="tab:red")
-    speed_axis.set_title(f"{done[0]['gpu_name'] or done[0]['device']}" if done else "no batch size completed")
+    where = (done[0]["gpu_name"] or done[0]["device"]) if done else "no batch size completed"
+    speed_axis.set_title(f"{Path(model).name} on {where}" if model else where)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -128,4 +131,4 @@ def write_outputs(rows: list[dict[str, Any]], config: Config, out_dir: Path) -> 
     (out_dir / "bench.json").write_text(json.dumps({"model": config.encoder.model, "rows": rows}, indent=2))
     title = f"# embindex bench: {config.encoder.model}\n\n"
     (out_dir / "bench.md").write_text(title + format_table(rows))
-    plot(rows, out_dir / "bench.png")
+    plot(rows, out_dir / "bench.png", config.encoder.model)
