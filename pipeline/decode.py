@@ -107,7 +107,7 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if mode == "RGB" else image.convert("RGB")
 
 
-def _resized_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
+def resized_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
     """(width, height) after resizing, with the same rounding as transformers' resize helpers."""
     if spec.resize == "exact":
         return spec.size[1], spec.size[0]
@@ -118,7 +118,7 @@ def _resized_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
 
 
 def _resize_and_crop(image: Image.Image, spec: InputSpec) -> Image.Image:
-    new_w, new_h = _resized_size(image.width, image.height, spec)
+    new_w, new_h = resized_size(image.width, image.height, spec)
     if spec.crop is None:
         return image.resize((new_w, new_h), spec.resample)
     crop_h, crop_w = spec.crop

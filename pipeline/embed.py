@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.encoders.base import Encoder
+from pipeline.gpu_decode import GpuBatch
 from pipeline.reuse import VectorReuse
 from pipeline.workers import DecodeResult
 
@@ -27,6 +28,7 @@ class EncodeTimer:
     decode_s: float = 0.0  # worker seconds spent decoding, summed over workers
     images: int = 0  # images given to the encoder
     reused: int = 0  # images whose vector came from identical bytes instead
+    gpu_decoded: int = 0  # images decoded by the GPU JPEG path
     batch_sizes: list[int] = field(default_factory=list)
 
 
@@ -81,10 +83,28 @@ def embed_stream(
             for twin in waiting.pop(item.content_hash, []):
                 yield reused(twin, vector, item.width, item.height)
 
+    def launch_gpu(batch: GpuBatch) -> tuple[torch.Tensor, list[DecodeResult]]:
+        if batch.ready is not None:
+            torch.cuda.current_stream().wait_event(batch.ready)  # decoded on the feed's stream
+            batch.pixels.record_stream(torch.cuda.current_stream())
+        started = time.perf_counter()
+        vectors = encoder.encode_images(batch.pixels)
+        timer.encode_s += time.perf_counter() - started
+        timer.batch_sizes.append(len(batch.items))
+        return vectors, batch.items
+
     waited = time.perf_counter()
     for result in results:
         timer.decode_wait_s += time.perf_counter() - waited
         timer.decode_s += result.decode_s
+        if isinstance(result, GpuBatch):
+            timer.gpu_decoded += len(result.items)
+            launched = launch_gpu(result)
+            if in_flight is not None:
+                yield from finish(in_flight)
+            in_flight = launched
+            waited = time.perf_counter()
+            continue
         known = reuse.lookup(result.content_hash) if reuse is not None else None
         if result.error is not None:
             yield result

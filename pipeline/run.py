@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commit import ShardCommitter
-from pipeline.config import Config
+from pipeline.config import Config, ConfigError
 from pipeline.embed import EncodeTimer, embed_stream
 from pipeline.encoders import describe_model, load_encoder
 from pipeline.encoders.base import Encoder
 from pipeline.exitcodes import EXIT_OK, EXIT_TOO_MANY_ERRORS
+from pipeline.feed import Feed, gpu_workers
+from pipeline.gpu_decode import GpuJpegDecoder
 from pipeline.identity import check_identity, fingerprint_id, write_identity
 from pipeline.lock import IndexLock
 from pipeline.plan import make_plan
@@ -44,6 +46,19 @@ def _pending_items(pending: Any, reuse: VectorReuse) -> Iterator[Item]:
         for row in batch.to_pylist():
             path = os.path.join(row["root"], *row["path"].split("/"))
             yield row, path, reuse.hashes_for_size(row["size_bytes"])
+
+
+def _gpu_decode_wanted(config: Config, encoder: Encoder) -> bool:
+    from pipeline.gpu_decode import gpu_jpeg_available
+
+    wanted = config.decode.device
+    if wanted == "cpu":
+        return False
+    available = gpu_jpeg_available(encoder.device)
+    if wanted == "cuda" and not available:
+        raise ConfigError("decode.device: 'cuda' needs the encoder on a CUDA device and torchvision's nvJPEG "
+                          "(pip install torchvision); use 'auto' or 'cpu'")
+    return available
 
 
 def _remove_stale_temporaries(config: Config) -> None:
@@ -96,11 +111,20 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
             model_load_s = time.perf_counter() - load_started
             identity = encoder.fingerprint()
             committer = ShardCommitter(sinks, images_schema(encoder.dim), encoder.name, config.run.shard_size)
-            n_workers = min(usable_cores() if config.decode.workers == "auto" else config.decode.workers,
-                            plan.pending.num_rows)
+            use_gpu = _gpu_decode_wanted(config, encoder)
+            n_workers = usable_cores() if config.decode.workers == "auto" else config.decode.workers
+            if use_gpu and config.decode.workers == "auto":
+                n_workers = gpu_workers(n_workers)
+            n_workers = min(n_workers, plan.pending.num_rows)
             with DecodePool(encoder.input_spec(), n_workers, config.decode.max_image_pixels, config.decode.timeout_s,
                             config.decode.jpeg_draft) as pool:
-                results = pool.imap(_pending_items(plan.pending, reuse))
+                items = _pending_items(plan.pending, reuse)
+                if use_gpu:
+                    gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device)
+                    feed = Feed(pool, gpu, reuse, config.decode.max_image_pixels, config.decode.gpu_batch)
+                    results = feed.stream(items)
+                else:
+                    results = pool.imap(items)
                 bar = progress_bar(plan.pending.num_rows, sys.stderr.isatty() if progress is None else progress)
                 for event in embed_stream(results, encoder, config.encoder.batch_size, pool.release, timer, reuse):
                     committer.add(event)
@@ -141,6 +165,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "images_embedded": written,
         "images_encoded": timer.images,
         "images_reused": timer.reused,
+        "images_gpu_decoded": timer.gpu_decoded,
         "errors": committer.error_reasons if committer else {},
         "error_rate": failed / (written + failed) if written + failed else 0.0,
         "wall_s": wall_s,

@@ -166,11 +166,17 @@ class DecodePool:
         source = iter(items)
         exhausted = False
         while True:
+            idle = False  # the source had nothing right now (it yields None; see feed.Feed)
             while not exhausted and len(pending) < self.n_workers * TASKS_PER_WORKER:
                 try:
-                    pending.append(next(source))
+                    item = next(source)
                 except StopIteration:
                     exhausted = True
+                    break
+                if item is None:
+                    idle = True
+                    break
+                pending.append(item)
             self._dispatch(pending)
             busy = [w for w in self._workers if w.tasks]
             if not busy:
@@ -178,6 +184,8 @@ class DecodePool:
                     return
                 if not self._free:
                     raise RuntimeError("all decode slots are held: release() each result after copying it")
+                if idle:
+                    time.sleep(0.002)
                 continue
             yield from self._collect(busy, pending)
 

@@ -209,3 +209,28 @@ def test_parquet_only_index_stays_one_row_per_file(tmp_path: Path, tiny_models: 
     table = ds.dataset(tmp_path / "embeddings" / "images").to_table()
     assert sorted(table["path"].to_pylist()) == sorted(p.name for p in photos.iterdir())
     assert _latest_report(tmp_path)["images_embedded"] == 0
+
+
+def test_two_concurrent_runs_one_proceeds_one_exits_3(tmp_path: Path, tiny_models: Path) -> None:
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in sorted(os.listdir(IMAGES))[:40]:
+        shutil.copy(IMAGES / name, photos / name)
+    config = write_config(tmp_path, "./photos", str(tiny_models / "clip"))
+    env = {**os.environ, "EMBINDEX_FAULT": "slow:0.1"}  # the first run holds the lock for a while
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--quiet"], cwd=REPO,
+                             env=env, stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / "index" / ".embindex.lock"
+    deadline = time.monotonic() + 60
+    while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    started = time.monotonic()
+    second = run_cli("run", str(config), "--quiet")
+    assert second.returncode == 3, second.stderr
+    assert f"pid {first.pid}" in second.stderr and "started" in second.stderr
+    assert time.monotonic() - started < 30, "refused at once, without waiting for the lock"
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    images, _ = _tables(tmp_path)
+    assert images.num_rows == 40

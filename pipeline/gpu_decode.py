@@ -1,0 +1,146 @@
+"""JPEG decoding on the GPU: batched nvJPEG (torchvision), EXIF orientation, resize and crop on the device."""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from pipeline.decode import ORIENTATION_TAG, InputSpec, resized_size
+
+log = logging.getLogger(__name__)
+
+GPU_MODES = ("RGB", "L")  # CMYK/YCCK and anything odd go to the CPU pool
+
+
+def gpu_jpeg_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401 - optional: the GPU extra
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
+@dataclass
+class JpegFile:
+    key: Any
+    path: str
+    data: bytes
+    content_hash: str
+    width: int = 0  # after EXIF orientation, as stored in the table
+    height: int = 0
+    orientation: int = 1
+
+
+@dataclass
+class GpuBatch:
+    """Decoded, resized pixels on the device (B, H, W, 3) uint8, ready for encode_images."""
+
+    items: list[Any]  # DecodeResult-like records (key, width, height, content_hash)
+    pixels: torch.Tensor
+    ready: torch.cuda.Event | None = None
+    decode_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def probe_jpeg(data: bytes, max_image_pixels: int) -> tuple[int, int, int] | None:
+    """(width, height, orientation) of a JPEG the GPU can take, from its header; None sends it to the CPU."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.format != "JPEG" or image.mode not in GPU_MODES:
+            return None
+        width, height = image.size
+        if width * height > max_image_pixels:
+            return None  # the CPU path records the refusal with its reason
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # any header trouble: the CPU path decides and explains
+        return None
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return width, height, orientation if orientation in range(1, 9) else 1
+
+
+def orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation to a (C, H, W) tensor, as PIL's exif_transpose does."""
+    if orientation == 2:
+        return chw.flip(-1)
+    if orientation == 3:
+        return chw.flip(-1).flip(-2)
+    if orientation == 4:
+        return chw.flip(-2)
+    if orientation == 5:
+        return chw.transpose(-1, -2)
+    if orientation == 6:
+        return chw.transpose(-1, -2).flip(-1)
+    if orientation == 7:
+        return chw.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return chw.transpose(-1, -2).flip(-2)
+    return chw
+
+
+def resize_and_crop(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (3, H, W) -> uint8 (3, h, w) with the processor's resize and center crop.
+    Antialiased bicubic on the device follows PIL's filter closely (cosine >= 0.99 per image)."""
+    height, width = chw.shape[-2:]
+    new_w, new_h = resized_size(width, height, spec)
+    x = chw[None].float()
+    if spec.crop is None:
+        out = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    else:
+        crop_h, crop_w = spec.crop
+        top, left = max(0, (new_h - crop_h) // 2), max(0, (new_w - crop_w) // 2)
+        out = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        out = out[..., top:top + crop_h, left:left + crop_w]
+        if out.shape[-2:] != (crop_h, crop_w):  # smaller than the crop: pad like HF (zeros, centered)
+            pad_h, pad_w = crop_h - out.shape[-2], crop_w - out.shape[-1]
+            out = F.pad(out, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return out[0].clamp_(0, 255).round_().to(torch.uint8)
+
+
+class GpuJpegDecoder:
+    """Decodes batches of JPEG bytes with nvJPEG on its own CUDA stream."""
+
+    def __init__(self, spec: InputSpec, device: torch.device) -> None:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
+        self.spec, self.device = spec, device
+        self.stream = torch.cuda.Stream(device=device)
+
+    def _decode(self, files: list[JpegFile]) -> tuple[list[torch.Tensor], list[JpegFile], list[JpegFile]]:
+        tensors = [torch.frombuffer(bytearray(f.data), dtype=torch.uint8) for f in files]
+        try:
+            return self._decode_jpeg(tensors, mode=self._rgb, device=self.device), files, []
+        except RuntimeError:
+            # One bad file fails the whole batch: find it, keep the rest.
+            decoded, good, bad = [], [], []
+            for tensor, file in zip(tensors, files):
+                try:
+                    decoded.append(self._decode_jpeg(tensor, mode=self._rgb, device=self.device))
+                    good.append(file)
+                except RuntimeError:
+                    bad.append(file)
+            return decoded, good, bad
+
+    def decode(self, files: list[JpegFile]) -> tuple[torch.Tensor | None, list[JpegFile], list[JpegFile], Any]:
+        """-> (pixels (B, H, W, 3) on the device, decoded files, files for the CPU, ready event)."""
+        with torch.cuda.stream(self.stream):
+            images, good, bad = self._decode(files)
+            if not good:
+                return None, [], bad, None
+            prepared = [resize_and_crop(orient(image, file.orientation), self.spec)
+                        for image, file in zip(images, good)]
+            pixels = torch.stack(prepared).permute(0, 2, 3, 1).contiguous()
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return pixels, good, bad, ready
