@@ -42,8 +42,9 @@ class DecodeConfig(_Strict):
     max_image_pixels: int = Field(100_000_000, gt=0)
     timeout_s: float = Field(60.0, gt=0)  # per file; a hung decoder is killed and recorded
     jpeg_draft: bool = True  # let libjpeg downscale by 1/2..1/8 while decoding large JPEGs
-    # auto: JPEGs also go to nvJPEG on the GPU when the encoder runs on CUDA and torchvision is there
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # cuda: JPEGs also go to nvJPEG on the GPU (needs torchvision), beside the CPU pool; auto: that
+    # when available. Default cpu until the GPU path measures faster end to end (docs/benchmarks.md).
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
     gpu_batch: int = Field(256, ge=1)  # JPEGs per nvJPEG batch
 
     @field_validator("workers")

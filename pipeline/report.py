@@ -134,7 +134,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"- model: `{report['model']}` on {report['device']} ({report.get('gpu_name') or 'no GPU'}), "
         f"batch size {report['batch_size']}",
         f"- started {report['started_at']}, finished {report['finished_at']}, wall {report['wall_s']:.1f} s "
-        f"(model load {report['model_load_s']:.1f} s, processing {report['processing_s']:.1f} s)",
+        f"(model load {report['model_load_s']:.1f} s, embedding {report['embed_s']:.1f} s)",
         f"- files: {report['files_scanned']} scanned, {report['files_new']} new, {report['files_changed']} changed, "
         f"{report['files_deleted']} deleted, {report['files_unchanged']} unchanged",
         f"- embedded {report['images_embedded']} images at {report['images_per_s']:.1f} images/s; "
@@ -144,7 +144,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
         f"| {report['batch_size']} | {report['peak_vram_allocated_mb']:.0f} MB "
         f"| {report['peak_vram_reserved_mb']:.0f} MB "
-        f"| {report['peak_host_rss_mb']:.0f} MB | {report['processing_s']:.1f} s | {report['images_per_s']:.1f} |",
+        f"| {report['peak_host_rss_mb']:.0f} MB | {report['embed_s']:.1f} s | {report['images_per_s']:.1f} |",
         "",
         "| Stage | Seconds |",
         "|---|---|",

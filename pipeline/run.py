@@ -77,6 +77,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
     run_id = started_at.strftime("%Y%m%dT%H%M%S_%fZ")
     wall_started = time.perf_counter()
     described = describe_model(config.encoder) if encoder is None else None
+    describe_s = time.perf_counter() - wall_started  # imports and config files: part of loading the model
     identity = encoder.fingerprint() if encoder is not None else described.identity()
     must_rebuild = check_identity(config, identity, rebuild)
     device = encoder.device if encoder is not None else described.device
@@ -103,12 +104,13 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         log.info("scanned %d files: %d new, %d changed, %d deleted, %d unchanged", plan.n_scanned, plan.n_new,
                  plan.n_changed, plan.n_deleted, plan.n_unchanged)
 
-        timer, model_load_s, n_workers = EncodeTimer(), 0.0, 0
+        timer, model_load_s, n_workers, embed_s = EncodeTimer(), describe_s, 0, 0.0
         committer = None
         if plan.pending.num_rows:
             load_started = time.perf_counter()
             encoder = encoder or load_encoder(config.encoder, described)
-            model_load_s = time.perf_counter() - load_started
+            model_load_s += time.perf_counter() - load_started
+            embed_started = time.perf_counter()
             identity = encoder.fingerprint()
             committer = ShardCommitter(sinks, images_schema(encoder.dim), encoder.name, config.run.shard_size)
             use_gpu = _gpu_decode_wanted(config, encoder)
@@ -131,6 +133,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                     bar.update(len(getattr(event, "items", [event])))
                 committer.commit()
                 bar.close()
+            embed_s = time.perf_counter() - embed_started
         write_identity(config, identity)
         maintenance = None
         if lance_versions(sinks) != versions_before:
@@ -174,7 +177,8 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "stage_s": {"scan": scan_s, "decode": timer.decode_s, "encode": timer.encode_s,
                     "write": committer.write_s if committer else 0.0},
         "decode_wait_s": timer.decode_wait_s,
-        "images_per_s": written / processing_s if processing_s > 0 else 0.0,
+        "embed_s": embed_s,
+        "images_per_s": written / embed_s if embed_s > 0 else 0.0,
         "encode_images_per_s": timer.images / timer.encode_s if timer.encode_s > 0 else 0.0,
         "peak_host_rss_mb": memory.peak_host_rss_mb,
         "peak_main_rss_mb": memory.peak_main_rss_mb,

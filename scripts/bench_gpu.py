@@ -101,10 +101,12 @@ def model_only(model_dir: str, batch_size: int, steps: int = 30) -> float:
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def embindex(model_dir: str, corpus: Path, work: Path, batch_size: int, name: str) -> dict:
+def embindex(model_dir: str, corpus: Path, work: Path, batch_size: int, name: str, decode_device: str) -> dict:
+    name = f"{name}-{decode_device}-decode"
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
         "input": {"root": str(corpus)},
+        "decode": {"device": decode_device},
         "encoder": {"model": model_dir, "device": "cuda", "dtype": "bfloat16", "batch_size": batch_size},
         "output": {"lancedb": None, "parquet": {"dir": str(work / f"{name}-embeddings")}},
         "run": {"report_dir": str(work / f"{name}-runs"), "shard_size": 8192},
@@ -116,7 +118,7 @@ def embindex(model_dir: str, corpus: Path, work: Path, batch_size: int, name: st
     if done.returncode != 0:
         raise SystemExit(f"embindex failed: {done.stderr[-3000:]}")
     report = json.loads(sorted((work / f"{name}-runs").glob("*/report.json"))[-1].read_text())
-    keys = ("images_embedded", "images_per_s", "processing_s", "model_load_s", "images_gpu_decoded",
+    keys = ("images_embedded", "images_per_s", "embed_s", "processing_s", "model_load_s", "images_gpu_decoded",
             "gpu_busy_pct", "decode_wait_s", "stage_s", "peak_vram_nvml_mb", "decode_workers")
     return {**{k: report[k] for k in keys}, "outside_s": outside_s}
 
@@ -131,6 +133,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--decode-devices", default="cpu,cuda", help="embindex runs with decode.device set to each")
     args = parser.parse_args()
 
     models_dir = args.work / "models"
@@ -147,17 +150,21 @@ def main() -> None:
         result = {"model_only_images_per_s": model_only(model_dir, args.batch_size)}
         if not args.skip_naive:
             result["naive_images_per_s"] = naive_baseline(model_dir, files, args.batch_size)
-        result["embindex"] = embindex(model_dir, corpus, args.work, args.batch_size, name)
-        result["embindex_over_model_only"] = result["embindex"]["images_per_s"] / result["model_only_images_per_s"]
-        if "naive_images_per_s" in result:
-            result["embindex_over_naive"] = result["embindex"]["images_per_s"] / result["naive_images_per_s"]
+        for decode_device in args.decode_devices.split(","):
+            run = embindex(model_dir, corpus, args.work, args.batch_size, name, decode_device)
+            run["over_model_only"] = run["images_per_s"] / result["model_only_images_per_s"]
+            if "naive_images_per_s" in result:
+                run["over_naive"] = run["images_per_s"] / result["naive_images_per_s"]
+            result[f"embindex_{decode_device}_decode"] = run
         summary["models"][name] = result
         print(name, json.dumps(result), flush=True)
     if args.large_copies:
         large = args.work / "large"
         summary["large_files"] = build_large_corpus(args.images, args.large_copies, large)
         first = args.models.split(",")[0]
-        summary["large_12mp"] = embindex(str(models_dir / first), large, args.work, args.batch_size, f"{first}-12mp")
+        summary["large_12mp"] = {device: embindex(str(models_dir / first), large, args.work, args.batch_size,
+                                                  f"{first}-12mp", device)
+                                 for device in args.decode_devices.split(",")}
         print("12mp", json.dumps(summary["large_12mp"]), flush=True)
     (args.out / "bench_gpu.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))

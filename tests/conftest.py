@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The shared data beside the checkout; EMBINDEX_SHARED_DATA points elsewhere (the GPU machine gets a copy).
+SHARED_DATA = Path(os.environ.get("EMBINDEX_SHARED_DATA", REPO.parent / "shared" / "data"))
 IMAGES = SHARED_DATA / "images"
 HOSTILE = SHARED_DATA / "hostile"
 
