@@ -6,7 +6,7 @@
 For each model, over the same files:
 - naive: torch DataLoader (16 workers), PIL decode, torchvision transforms per image, fp16 model;
 - model-only: random pixel tensors already on the GPU, bf16, the same batch size;
-- embindex: `python -m pipeline.cli run` (GPU JPEG decode on, Parquet sink), its report's images/s.
+- embindex: `python -m pipeline.cli run` (Parquet sink), with decode.device cpu and cuda: its report's images/s.
 Then embindex on 12-megapixel JPEGs (upscaled copies) with the first model. Prints a JSON summary
 with the ratios. Models are full-size architectures with random weights (make_full_size_models.py).
 """
