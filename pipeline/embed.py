@@ -83,15 +83,28 @@ def embed_stream(
             for twin in waiting.pop(item.content_hash, []):
                 yield reused(twin, vector, item.width, item.height)
 
-    def launch_gpu(batch: GpuBatch) -> tuple[torch.Tensor, list[DecodeResult]]:
+    def launch_gpu(batch: GpuBatch, keep: list[int]) -> tuple[torch.Tensor, list[DecodeResult]]:
         if batch.ready is not None:
             torch.cuda.current_stream().wait_event(batch.ready)  # decoded on the feed's stream
             batch.pixels.record_stream(torch.cuda.current_stream())
+        pixels = batch.pixels if len(keep) == len(batch.items) else batch.pixels[keep]
         started = time.perf_counter()
-        vectors = encoder.encode_images(batch.pixels)
+        vectors = encoder.encode_images(pixels)
         timer.encode_s += time.perf_counter() - started
-        timer.batch_sizes.append(len(batch.items))
-        return vectors, batch.items
+        timer.batch_sizes.append(len(keep))
+        return vectors, [batch.items[i] for i in keep]
+
+    def needs_encoding(item: DecodeResult) -> Iterator[Embedded]:
+        """Reuse or park an item whose bytes are known or in a batch already; else mark it new."""
+        known = reuse.lookup(item.content_hash) if reuse is not None else None
+        if known is not None:
+            yield reused(item, known.vector, known.width, known.height)
+        elif item.content_hash in waiting:
+            waiting[item.content_hash].append(item)
+        else:
+            if reuse is not None and reuse.may_repeat(item.key["size_bytes"]):
+                waiting[item.content_hash] = []
+            item.needs_encoding = True
 
     waited = time.perf_counter()
     for result in results:
@@ -99,10 +112,14 @@ def embed_stream(
         timer.decode_s += result.decode_s
         if isinstance(result, GpuBatch):
             timer.gpu_decoded += len(result.items)
-            launched = launch_gpu(result)
-            if in_flight is not None:
-                yield from finish(in_flight)
-            in_flight = launched
+            for item in result.items:
+                yield from needs_encoding(item)
+            keep = [i for i, item in enumerate(result.items) if item.needs_encoding]
+            if keep:
+                launched = launch_gpu(result, keep)
+                if in_flight is not None:
+                    yield from finish(in_flight)
+                in_flight = launched
             waited = time.perf_counter()
             continue
         known = reuse.lookup(result.content_hash) if reuse is not None else None

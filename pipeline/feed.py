@@ -87,9 +87,8 @@ class Feed:
     def _gpu_chunk(self, readers: ThreadPoolExecutor) -> list[Any]:
         chunk = []
         for item in self._take(self.gpu_batch):
-            key, path = item[0], item[1]
-            if not path.lower().endswith(JPEG_SUFFIXES) or self.reuse.may_repeat(key["size_bytes"]):
-                self._overflow.put(item)  # other formats, and files that may be copies of each other
+            if not item[1].lower().endswith(JPEG_SUFFIXES):
+                self._overflow.put(item)  # other formats: the CPU pool
             else:
                 chunk.append(item)
         return list(readers.map(self._read, chunk))

@@ -34,6 +34,7 @@ class DecodeResult:
     error: str | None = None
     decode_s: float = 0.0
     reused: bool = False  # the bytes hash to a known vector: read and hashed, not decoded
+    needs_encoding: bool = False  # set by the encode stage for GPU-decoded items it will encode
 
 
 def usable_cores() -> int:
