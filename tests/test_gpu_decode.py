@@ -85,7 +85,8 @@ def test_gpu_and_cpu_decoding_give_the_same_rows_and_vectors(tmp_path: Path, tin
         config = load_config(write_config(folder, str(photos), str(tiny_models / "clip"), output={"lancedb": None},
                                           decode={"device": device}, run={"max_error_rate": 0.5}))
         report = run_index(config, progress=False).report
-        assert (report["images_gpu_decoded"] > 150) == (device == "cuda")
+        # Both paths pull from one queue: on a GPU machine the CPU pool takes its share too.
+        assert (report["images_gpu_decoded"] > 0) == (device == "cuda")
         table = ds.dataset(folder / "embeddings" / "images").to_table()
         vectors[device] = dict(zip(table["path"].to_pylist(), np.stack(table["embedding"].to_numpy(False))))
         errors = ds.dataset(folder / "embeddings" / "images_errors").to_table()
