@@ -55,6 +55,8 @@ def probe_jpeg(data: bytes, max_image_pixels: int) -> tuple[int, int, int] | Non
     """(width, height, orientation) of a JPEG the GPU can take, from its header; None sends it to the CPU."""
     if data[:3] != b"\xff\xd8\xff":
         return None
+    if not data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
+        return None  # no end-of-image marker: nvJPEG would fill the gap silently; the CPU path reports it
     try:
         image = Image.open(io.BytesIO(data))
         if image.format != "JPEG" or image.mode not in GPU_MODES:
