@@ -19,7 +19,6 @@ import json
 import subprocess
 import sys
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
 import torch
@@ -40,17 +39,6 @@ def _upscale(job: tuple[str, str, int]) -> None:
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=88 + copy % 8)
     Path(target).write_bytes(buffer.getvalue())
-
-
-def build_large_corpus(images: Path, copies: int, folder: Path) -> int:
-    sources = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
-    jobs = []
-    for copy in range(copies):
-        (folder / f"copy{copy:03d}").mkdir(parents=True, exist_ok=True)
-        jobs += [(str(s), str(folder / f"copy{copy:03d}" / s.name), copy) for s in sources]
-    with Pool() as pool:
-        pool.map(_upscale, jobs, chunksize=4)
-    return len(jobs)
 
 
 class NaiveDataset(torch.utils.data.Dataset):
@@ -160,7 +148,7 @@ def main() -> None:
         print(name, json.dumps(result), flush=True)
     if args.large_copies:
         large = args.work / "large"
-        summary["large_files"] = build_large_corpus(args.images, args.large_copies, large)
+        summary["large_files"] = build_corpus(args.images, args.large_copies, large, make=_upscale, chunksize=4)
         first = args.models.split(",")[0]
         summary["large_12mp"] = {device: embindex(str(models_dir / first), large, args.work, args.batch_size,
                                                   f"{first}-12mp", device)

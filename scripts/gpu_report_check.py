@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -31,14 +32,15 @@ def _variant(job: tuple[str, str, int]) -> None:
     image.save(target, quality=80 + copy % 15)
 
 
-def build_corpus(images: Path, copies: int, folder: Path) -> int:
+def build_corpus(images: Path, copies: int, folder: Path, make: Callable = _variant, chunksize: int = 32) -> int:
+    """`copies` distinct files per source JPEG, one folder per copy, written by `make` in parallel."""
     sources = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     jobs = []
     for copy in range(copies):
         (folder / f"copy{copy:03d}").mkdir(parents=True, exist_ok=True)
         jobs += [(str(s), str(folder / f"copy{copy:03d}" / s.name), copy) for s in sources]
     with Pool() as pool:
-        pool.map(_variant, jobs, chunksize=32)
+        pool.map(make, jobs, chunksize=chunksize)
     return len(jobs)
 
 
