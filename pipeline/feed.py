@@ -8,7 +8,6 @@ CPU pool, which records errors with their reasons, so the set of rows is the sam
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -153,4 +152,4 @@ class Feed:
 
 def gpu_workers(cores: int) -> int:
     """Decode processes beside the GPU path: leave two cores for the readers and the main thread."""
-    return max(1, cores - 2) if (os.cpu_count() or 1) > 2 else cores
+    return max(1, cores - 2)
