@@ -54,7 +54,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--types", default="IVF_PQ,IVF_HNSW_SQ")
+    # IVF_HNSW_SQ did not finish building in 35 minutes on 2 cores at 1M x 512: opt in.
+    parser.add_argument("--types", default="IVF_PQ")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     shutil.rmtree(args.work, ignore_errors=True)
@@ -73,18 +74,20 @@ def main() -> None:
     write_s = time.perf_counter() - started
 
     random_queries = unit(rng.normal(size=(args.queries, args.dim)))
-    noise = 0.05 * rng.normal(size=(args.queries, args.dim))
+    # Near: a stored vector moved by noise of norm ~0.3 (cosine ~0.95 to it), like a re-encoded or
+    # cropped copy of an indexed image. Random: the worst case, no point has a near neighbour.
+    noise = (0.3 / np.sqrt(args.dim)) * rng.normal(size=(args.queries, args.dim))
     near_queries = unit(data[rng.integers(0, args.rows, args.queries)] + noise)
     truth = {"random": exact_top10(data, random_queries), "near": exact_top10(data, near_queries)}
     queries = {"random": random_queries, "near": near_queries}
     results = {"rows": args.rows, "dim": args.dim, "write_s": round(write_s, 1), "indexes": []}
 
-    exact = {name: measure(table, queries[name][:50], truth[name][:50], {"exact": True}) for name in queries}
+    exact = {name: measure(table, queries[name][:10], truth[name][:10], {"exact": True}) for name in queries}
     results["exact_search"] = exact
 
     grid = {
-        "IVF_PQ": [{"nprobes": 20, "refine_factor": 10}, {"nprobes": 50, "refine_factor": 20},
-                   {"nprobes": 100, "refine_factor": 50}],
+        "IVF_PQ": [{"nprobes": 10, "refine_factor": 5}, {"nprobes": 20, "refine_factor": 10},
+                   {"nprobes": 50, "refine_factor": 20}, {"nprobes": 100, "refine_factor": 50}],
         "IVF_HNSW_SQ": [{"nprobes": 10, "ef": 100}, {"nprobes": 20, "ef": 200}, {"nprobes": 50, "ef": 300}],
     }
     for index_type in args.types.split(","):
