@@ -92,17 +92,19 @@ def orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def resize_and_crop(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, h, w) with the processor's resize and center crop.
-    Antialiased bicubic on the device follows PIL's filter closely (cosine >= 0.99 per image)."""
+    """uint8 (3, H, W) or (N, 3, H, W) of one size -> uint8 (..., 3, h, w) with the processor's resize
+    and center crop. Antialiased bicubic on the device follows PIL's filter closely (cosine >= 0.99)."""
+    if chw.dim() == 3:
+        return resize_and_crop(chw[None], spec)[0]
     height, width = chw.shape[-2:]
     new_w, new_h = resized_size(width, height, spec)
     factor = min(height / new_h, width / new_w)
     if factor > MAX_BICUBIC_FACTOR:
         # The antialiased bicubic kernel runs out of shared memory past ~4x (a 12 MP photo to 224 is
         # ~13x): average down to twice the target first, as JPEG draft mode does on the CPU path.
-        x = F.interpolate(chw[None].half(), size=(2 * new_h, 2 * new_w), mode="area").float()
+        x = F.interpolate(chw.half(), size=(2 * new_h, 2 * new_w), mode="area").float()
     else:
-        x = chw[None].float()
+        x = chw.float()
     if spec.crop is None:
         out = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
     else:
@@ -113,7 +115,7 @@ def resize_and_crop(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
         if out.shape[-2:] != (crop_h, crop_w):  # smaller than the crop: pad like HF (zeros, centered)
             pad_h, pad_w = crop_h - out.shape[-2], crop_w - out.shape[-1]
             out = F.pad(out, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    return out[0].clamp_(0, 255).round_().to(torch.uint8)
+    return out.clamp_(0, 255).round_().to(torch.uint8)
 
 
 class GpuJpegDecoder:
@@ -147,9 +149,18 @@ class GpuJpegDecoder:
             images, good, bad = self._decode(files)
             if not good:
                 return None, [], bad, None
-            prepared = [resize_and_crop(orient(image, file.orientation), self.spec)
-                        for image, file in zip(images, good)]
-            pixels = torch.stack(prepared).permute(0, 2, 3, 1).contiguous()
+            # One resize per (size, orientation) group: camera folders hold few distinct sizes, and
+            # a few large kernels beat hundreds of small ones launched from a Python thread that
+            # competes for the GIL with the readers and the main thread.
+            groups: dict[tuple[Any, ...], list[int]] = {}
+            for index, (image, file) in enumerate(zip(images, good)):
+                groups.setdefault((*image.shape, file.orientation), []).append(index)
+            height, width, _ = self.spec.output_shape
+            out = torch.empty((len(good), 3, height, width), dtype=torch.uint8, device=self.device)
+            for (*_, orientation), indices in groups.items():
+                stacked = torch.stack([images[i] for i in indices])
+                out[indices] = resize_and_crop(orient(stacked, orientation), self.spec)
+            pixels = out.permute(0, 2, 3, 1).contiguous()
             ready = torch.cuda.Event()
             ready.record(self.stream)
         return pixels, good, bad, ready
