@@ -219,7 +219,9 @@ def test_two_concurrent_runs_one_proceeds_one_exits_3(tmp_path: Path, tiny_model
     for name in sorted(os.listdir(IMAGES))[:40]:
         shutil.copy(IMAGES / name, photos / name)
     config = write_config(tmp_path, "./photos", str(tiny_models / "clip"))
-    env = {**os.environ, "EMBINDEX_FAULT": "slow:0.1"}  # the first run holds the lock for a while
+    # The first run holds the lock for 40 x 0.5 s / 2 workers = 10 s or more after taking it; the
+    # second needs ~4 s of imports before it asks for the lock.
+    env = {**os.environ, "EMBINDEX_FAULT": "slow:0.5"}
     first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--quiet"], cwd=REPO,
                              env=env, stderr=subprocess.PIPE, text=True)
     lock = tmp_path / "index" / ".embindex.lock"
@@ -228,6 +230,7 @@ def test_two_concurrent_runs_one_proceeds_one_exits_3(tmp_path: Path, tiny_model
         time.sleep(0.1)
     started = time.monotonic()
     second = run_cli("run", str(config), "--quiet")
+    assert first.poll() is None, "the first run ended before the second asked: the test proves nothing"
     assert second.returncode == 3, second.stderr
     assert f"pid {first.pid}" in second.stderr and "started" in second.stderr
     assert time.monotonic() - started < 30, "refused at once, without waiting for the lock"
