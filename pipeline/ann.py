@@ -25,11 +25,15 @@ def maintain(table: Any, search: SearchConfig, dim: int) -> dict[str, Any]:
     rows = table.count_rows()
     action = "compacted"
     if rows >= search.ann_min_rows and not has_vector_index(table):
-        index_type = INDEX_TYPES[search.ann_index]
-        # PQ: 8 dimensions per sub-vector keeps recall high with refine; partitions default to ~sqrt(rows).
-        options = {"num_sub_vectors": max(1, dim // 8)} if index_type == "IVF_PQ" else {}
-        table.create_index(metric="cosine", vector_column_name="embedding", index_type=index_type, **options)
-        action = f"built {index_type}"
+        from lancedb.index import HnswSq, IvfPq
+
+        if search.ann_index == "ivf_pq":
+            # 8 dimensions per PQ sub-vector keeps recall up with refine; partitions default to ~sqrt(rows).
+            config = IvfPq(distance_type="cosine", num_sub_vectors=max(1, dim // 8))
+        else:
+            config = HnswSq(distance_type="cosine")
+        table.create_index("embedding", config=config)
+        action = f"built {INDEX_TYPES[search.ann_index]}"
     table.optimize()  # compaction + adding new rows to existing indices + version cleanup
     seconds = time.perf_counter() - started
     log.info("index maintenance: %s over %d rows in %.1f s", action, rows, seconds)
