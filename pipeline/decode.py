@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,18 +34,39 @@ class DecodeError(Exception):
 class InputSpec:
     """What the encoder wants from the decoder, read off the model's own image processor."""
 
-    resize: Literal["shortest_edge", "exact"]
-    size: tuple[int, int]  # (shortest_edge, shortest_edge) or (height, width)
+    resize: Literal["shortest_edge", "exact", "smart"]
+    size: tuple[int, int]  # (shortest_edge, shortest_edge) or (height, width); unused by "smart"
     crop: tuple[int, int] | None  # (height, width) center crop after resizing
     resample: int = Image.Resampling.BICUBIC
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     rescale_factor: float = 1 / 255
+    # "smart" (Qwen-VL dynamic resolution): keep the aspect ratio, sides multiples of `factor`,
+    # height * width within [min_pixels, max_pixels]; every image keeps its own size.
+    min_pixels: int = 0
+    max_pixels: int = 0
+    factor: int = 28
+
+    @property
+    def dynamic(self) -> bool:
+        return self.resize == "smart"
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
+        """The shape of every output (fixed policies only: a smart resize gives each image its own)."""
+        if self.dynamic:
+            raise ValueError("a smart-resize spec has no fixed output shape; see max_output_pixels")
         height, width = self.crop if self.crop is not None else self.size
         return height, width, 3
+
+    @property
+    def max_output_pixels(self) -> int:
+        """An upper bound on height * width of any output (sizes buffers for dynamic resolution)."""
+        if not self.dynamic:
+            height, width, _ = self.output_shape
+            return height * width
+        # smart_resize stays within max_pixels except when a side is clamped up to one factor
+        return max(self.max_pixels, self.min_pixels) + 200 * self.factor * self.factor
 
 
 @dataclass
@@ -107,8 +129,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if mode == "RGB" else image.convert("RGB")
 
 
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) as Qwen2-VL's image processor resizes them: multiples of `factor`, aspect kept,
+    area within [min_pixels, max_pixels] (the same arithmetic, so token counts match the model's)."""
+    if max(height, width) / max(1, min(height, width)) > 200:
+        raise DecodeError(f"aspect ratio over 200: {width}x{height}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
 def resized_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
     """(width, height) after resizing, with the same rounding as transformers' resize helpers."""
+    if spec.resize == "smart":
+        new_h, new_w = smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels)
+        return new_w, new_h
     if spec.resize == "exact":
         return spec.size[1], spec.size[0]
     short_target = spec.size[0]
@@ -117,7 +160,9 @@ def resized_size(width: int, height: int, spec: InputSpec) -> tuple[int, int]:
     return (short_target, new_long) if width <= height else (new_long, short_target)
 
 
-def _resize_and_crop(image: Image.Image, spec: InputSpec) -> Image.Image:
+def _resize_and_crop(image: Image.Image, spec: InputSpec, original: tuple[int, int] | None = None) -> Image.Image:
+    if spec.dynamic:  # sized off the original (pre-draft) dimensions, so the token count is the header's
+        return image.resize(resized_size(*(original or image.size), spec), spec.resample)
     new_w, new_h = resized_size(image.width, image.height, spec)
     if spec.crop is None:
         return image.resize((new_w, new_h), spec.resample)
@@ -150,17 +195,24 @@ def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft
     if orientation in (5, 6, 7, 8):
         width, height = height, width
     if jpeg_draft and image.format == "JPEG" and image.width * image.height >= DRAFT_MIN_PIXELS:
-        want = DRAFT_OVERSAMPLE * max(spec.size)
-        image.draft(None, (want, want))
+        if spec.dynamic:  # the draft must keep twice the final size of this very image
+            new_w, new_h = resized_size(width, height, spec)
+            image.draft(None, (DRAFT_OVERSAMPLE * new_w, DRAFT_OVERSAMPLE * new_h) if orientation in (1, 2, 3, 4)
+                        else (DRAFT_OVERSAMPLE * new_h, DRAFT_OVERSAMPLE * new_w))
+        else:
+            want = DRAFT_OVERSAMPLE * max(spec.size)
+            image.draft(None, (want, want))
     _load(image)
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
-    return DecodedImage(prepare_image(image, spec), width, height, digest, time.perf_counter() - started)
+    pixels = prepare_image(image, spec, (width, height))
+    return DecodedImage(pixels, width, height, digest, time.perf_counter() - started)
 
 
-def prepare_image(image: Image.Image, spec: InputSpec) -> np.ndarray:
-    """A loaded, upright PIL image -> the encoder's uint8 (H, W, 3) pixels."""
-    return np.asarray(_resize_and_crop(_to_rgb(image), spec), dtype=np.uint8)
+def prepare_image(image: Image.Image, spec: InputSpec, original: tuple[int, int] | None = None) -> np.ndarray:
+    """A loaded, upright PIL image -> the encoder's uint8 (H, W, 3) pixels; `original` is its (width,
+    height) before any draft downscale."""
+    return np.asarray(_resize_and_crop(_to_rgb(image), spec, original), dtype=np.uint8)
 
 
 def read_file(path: str) -> bytes:
