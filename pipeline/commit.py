@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from pipeline.embed import Embedded
-from pipeline.schema import error_rows, image_rows
+from pipeline.schema import error_rows, image_rows, is_multivector
 from pipeline.sinks.base import Sink
 from pipeline.workers import DecodeResult
 
@@ -25,10 +26,15 @@ class ShardCommitter:
     primary (the one the next run plans against) last, so a kill in between only leaves rows the
     next run treats as pending and rewrites."""
 
-    def __init__(self, sinks: list[Sink], schema: pa.Schema, model: str, shard_size: int) -> None:
+    def __init__(self, sinks: list[Sink], schema: pa.Schema, model: str, shard_size: int,
+                 row_extras: Callable[[DecodeResult], dict[str, Any]] | None = None) -> None:
+        """`row_extras(item)` gives the values of the schema's extra columns (pyramid tiles, grid sizes)."""
         self.sinks, self.schema, self.model, self.shard_size = sinks, schema, model, shard_size
-        self._images: dict[str, list[Any]] = {name: [] for name in IMAGE_META}
-        self._vectors: list[np.ndarray] = []
+        self.multivector, self.row_extras = is_multivector(schema), row_extras
+        self._extra_names = [f.name for f in schema if f.name not in (*IMAGE_META, "model", "embedding",
+                                                                        "n_vectors", "indexed_at")]
+        self._images: dict[str, list[Any]] = {name: [] for name in (*IMAGE_META, *self._extra_names)}
+        self._vectors: list[np.ndarray] = []  # (n, dim) per event, or one (n_i, dim) per row (multi-vector)
         self._errors: dict[str, list[Any]] = {name: [] for name in ERROR_META}
         self._flipped: dict[str, list[dict[str, str]]] = {"images": [], "errors": []}
         self.write_s = 0.0
@@ -49,9 +55,16 @@ class ShardCommitter:
                                     ("mtime_ns", key["mtime_ns"]), ("content_hash", item.content_hash),
                                     ("width", item.width), ("height", item.height)):
                     self._images[name].append(value)
+                if self._extra_names:
+                    extras = self.row_extras(item)  # type: ignore[misc]
+                    for name in self._extra_names:
+                        self._images[name].append(extras[name])
                 if key["was_in"] == "errors":
                     self._flipped["errors"].append({"root": key["root"], "path": key["path"]})
-            self._vectors.append(event.vectors)
+            if self.multivector:
+                self._vectors.extend(event.vectors)
+            else:
+                self._vectors.append(event.vectors)
         else:
             key = event.key
             reason = event.error or "unknown error"
@@ -68,8 +81,11 @@ class ShardCommitter:
         if self._buffered == 0:
             return
         started = time.perf_counter()
-        dim = self.schema.field("embedding").type.list_size
-        vectors = np.concatenate(self._vectors) if self._vectors else np.zeros((0, dim), np.float32)
+        if self.multivector:
+            vectors: np.ndarray | list[np.ndarray] = self._vectors
+        else:
+            dim = self.schema.field("embedding").type.list_size
+            vectors = np.concatenate(self._vectors) if self._vectors else np.zeros((0, dim), np.float32)
         rows = image_rows(self._images, vectors, self.model, self.schema)
         errors = error_rows(self._errors)
         for sink in [*self.sinks[1:], self.sinks[0]]:

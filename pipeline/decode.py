@@ -46,6 +46,9 @@ class InputSpec:
     min_pixels: int = 0
     max_pixels: int = 0
     factor: int = 28
+    # Pyramid tiles ((rows, cols) grids): each file gives the whole image and every grid cell, each
+    # prepared as above, stacked as (n_tiles, H, W, 3).
+    tiles: tuple[tuple[int, int], ...] | None = None
 
     @property
     def dynamic(self) -> bool:
@@ -199,13 +202,19 @@ def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft
             new_w, new_h = resized_size(width, height, spec)
             image.draft(None, (DRAFT_OVERSAMPLE * new_w, DRAFT_OVERSAMPLE * new_h) if orientation in (1, 2, 3, 4)
                         else (DRAFT_OVERSAMPLE * new_h, DRAFT_OVERSAMPLE * new_w))
-        else:
-            want = DRAFT_OVERSAMPLE * max(spec.size)
+        else:  # a pyramid's finest cells must still get twice the model's size each
+            finest = max((max(grid) for grid in spec.tiles), default=1) if spec.tiles else 1
+            want = DRAFT_OVERSAMPLE * max(spec.size) * finest
             image.draft(None, (want, want))
     _load(image)
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
-    pixels = prepare_image(image, spec, (width, height))
+    if spec.tiles:
+        from pipeline.pyramid import pyramid_tiles, tile_pixels
+
+        pixels = tile_pixels(_to_rgb(image), pyramid_tiles(width, height, list(spec.tiles)), spec, width)
+    else:
+        pixels = prepare_image(image, spec, (width, height))
     return DecodedImage(pixels, width, height, digest, time.perf_counter() - started)
 
 

@@ -12,23 +12,42 @@ TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 
 FLOAT32 = pa.float32()
+FLOAT16 = pa.float16()
+# Where each vector of a pyramid-tile row came from: grid level, row and column (level 0 = whole image)
+TILE_TYPE = pa.struct([("level", pa.int8()), ("row", pa.int8()), ("col", pa.int8())])
 
 
-def images_schema(dim: int, vector_type: pa.DataType = FLOAT32) -> pa.Schema:
-    return pa.schema(
-        [
-            ("path", pa.string()),
-            ("root", pa.string()),
-            ("size_bytes", pa.int64()),
-            ("mtime_ns", pa.int64()),
-            ("content_hash", pa.string()),
-            ("width", pa.int32()),
-            ("height", pa.int32()),
-            ("model", pa.string()),
-            ("embedding", pa.list_(vector_type, dim)),
-            ("indexed_at", TIMESTAMP),
-        ]
-    )
+def images_schema(dim: int, vector_type: pa.DataType = FLOAT32, multivector: bool = False,
+                  extra_fields: dict[str, pa.DataType] | None = None) -> pa.Schema:
+    """Single-vector rows hold `fixed_size_list<float>[dim]`; multi-vector rows (late interaction, pyramid
+    tiles) hold `list<fixed_size_list<float>[dim]>` (only real tokens) and their count `n_vectors`."""
+    vector = pa.list_(vector_type, dim)
+    fields = [
+        ("path", pa.string()),
+        ("root", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("content_hash", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("model", pa.string()),
+        ("embedding", pa.list_(vector) if multivector else vector),
+    ]
+    if multivector:
+        fields.append(("n_vectors", pa.int32()))
+    fields.extend((extra_fields or {}).items())
+    fields.append(("indexed_at", TIMESTAMP))
+    return pa.schema(fields)
+
+
+def is_multivector(schema: pa.Schema) -> bool:
+    return pa.types.is_list(schema.field("embedding").type)
+
+
+def vector_field(schema: pa.Schema) -> pa.FixedSizeListType:
+    """The type of one vector: the column itself, or its list's items for multi-vector tables."""
+    kind = schema.field("embedding").type
+    return kind.value_type if is_multivector(schema) else kind
 
 
 ERRORS_SCHEMA = pa.schema(
@@ -48,19 +67,38 @@ def now_utc() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def image_rows(meta: dict[str, list], embeddings: np.ndarray, model: str, schema: pa.Schema) -> pa.Table:
-    """One row per embedded file; `meta` holds the per-file columns, embeddings is (N, dim) float."""
-    dim = embeddings.shape[1]
-    vector_type = schema.field("embedding").type.value_type
-    flat = pa.array(np.ascontiguousarray(embeddings, dtype=vector_type.to_pandas_dtype()).reshape(-1))
+def embedding_column(embeddings: np.ndarray | list[np.ndarray], schema: pa.Schema) -> tuple[pa.Array, list[int]]:
+    """(N, dim) floats, or one (n_i, dim) array per row for multi-vector tables -> the column, vector counts."""
+    kind = vector_field(schema)
+    numpy_type = kind.value_type.to_pandas_dtype()
+    if not is_multivector(schema):
+        flat = pa.array(np.ascontiguousarray(embeddings, dtype=numpy_type).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, kind.list_size), []
+    counts = [len(vectors) for vectors in embeddings]
+    stacked = np.concatenate(embeddings) if counts else np.zeros((0, kind.list_size))
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(stacked, numpy_type).reshape(-1)),
+                                                kind.list_size)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    return pa.ListArray.from_arrays(offsets, vectors, type=schema.field("embedding").type), counts
+
+
+def image_rows(meta: dict[str, list], embeddings: np.ndarray | list[np.ndarray], model: str,
+               schema: pa.Schema) -> pa.Table:
+    """One row per embedded file; `meta` holds the per-file columns (and any extra fields of the schema)."""
     n = len(meta["path"])
+    column, counts = embedding_column(embeddings, schema)
     columns = {
         **{name: pa.array(meta[name], schema.field(name).type) for name in
            ("path", "root", "size_bytes", "mtime_ns", "content_hash", "width", "height")},
         "model": pa.array([model] * n, pa.string()),
-        "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-        "indexed_at": pa.array([now_utc()] * n, TIMESTAMP),
+        "embedding": column,
     }
+    if is_multivector(schema):
+        columns["n_vectors"] = pa.array(counts, pa.int32())
+    for field in schema:
+        if field.name not in columns and field.name != "indexed_at":
+            columns[field.name] = pa.array(meta[field.name], field.type)
+    columns["indexed_at"] = pa.array([now_utc()] * n, TIMESTAMP)
     return pa.table(columns, schema=schema)
 
 

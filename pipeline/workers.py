@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.decode import DecodeError, InputSpec, content_hash, decode_file, read_file
+from pipeline.pyramid import tile_count
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,16 @@ def _inject_fault(path: str) -> None:
             time.sleep(3600)
 
 
-def _worker_main(conn: Connection, shm_name: str, slot_shape: tuple[int, ...], n_slots: int,
+def slot_bytes(spec: InputSpec) -> int:
+    """The largest pixels one file can give: one image, every pyramid tile, or the largest smart resize."""
+    tiles = tile_count(list(spec.tiles)) if spec.tiles else 1
+    return tiles * spec.max_output_pixels * 3
+
+
+def _worker_main(conn: Connection, shm_name: str, n_bytes: int, n_slots: int,
                  spec: InputSpec, max_image_pixels: int, jpeg_draft: bool) -> None:
     shm = SharedMemory(name=shm_name)
-    slots = np.ndarray((n_slots, *slot_shape), dtype=np.uint8, buffer=shm.buf)
+    slots = np.ndarray((n_slots, n_bytes), dtype=np.uint8, buffer=shm.buf)
     try:
         while True:
             task = conn.recv()
@@ -79,8 +86,10 @@ def _worker_main(conn: Connection, shm_name: str, slot_shape: tuple[int, ...], n
             except DecodeError as exc:
                 conn.send((task_id, None, str(exc), 0.0))
                 continue
-            slots[slot] = decoded.pixels
-            conn.send((task_id, (decoded.width, decoded.height, decoded.content_hash), None, decoded.decode_s))
+            # Images of many sizes share fixed slots: the pixels go first, their shape with the reply.
+            slots[slot, :decoded.pixels.size] = decoded.pixels.reshape(-1)
+            meta = (decoded.width, decoded.height, decoded.content_hash, decoded.pixels.shape)
+            conn.send((task_id, meta, None, decoded.decode_s))
     except (EOFError, KeyboardInterrupt):
         return
     finally:
@@ -115,12 +124,12 @@ class DecodePool:
         self.spec, self.timeout_s = spec, timeout_s
         self.n_workers = max(1, workers)
         self.n_slots = n_slots or self.n_workers * TASKS_PER_WORKER * 2
-        slot_shape = spec.output_shape
-        self._shm = SharedMemory(create=True, size=self.n_slots * int(np.prod(slot_shape)))
-        self._slots = np.ndarray((self.n_slots, *slot_shape), dtype=np.uint8, buffer=self._shm.buf)
+        n_bytes = slot_bytes(spec)
+        self._shm = SharedMemory(create=True, size=self.n_slots * n_bytes)
+        self._slots = np.ndarray((self.n_slots, n_bytes), dtype=np.uint8, buffer=self._shm.buf)
         self._free = list(range(self.n_slots))
         self._ctx = mp.get_context("spawn")  # the main process holds CUDA and threads: never fork it
-        self._args = (self._shm.name, slot_shape, self.n_slots, spec, max_image_pixels, jpeg_draft)
+        self._args = (self._shm.name, n_bytes, self.n_slots, spec, max_image_pixels, jpeg_draft)
         self._workers = [_Worker(self._ctx, self._args) for _ in range(self.n_workers)]
         self._next_id = 0
         self.crashes = 0
@@ -234,8 +243,9 @@ class DecodePool:
             if error is not None:
                 return DecodeResult(task.key, None, None, error=error, decode_s=decode_s)
             return DecodeResult(task.key, None, None, content_hash=meta[1], reused=True)
-        width, height, digest = meta
-        return DecodeResult(task.key, self._slots[task.slot], task.slot, width, height, digest, decode_s=decode_s)
+        width, height, digest, shape = meta
+        pixels = self._slots[task.slot, :int(np.prod(shape))].reshape(shape)
+        return DecodeResult(task.key, pixels, task.slot, width, height, digest, decode_s=decode_s)
 
     def _replace(self, worker: _Worker, pending: collections.deque[Item], reason: str) -> DecodeResult:
         """The head task killed or hung its worker: record it, requeue the rest, start a new worker."""
