@@ -126,9 +126,11 @@ def query(config_path: str, text: str | None, image_path: str | None, k: int, wh
             click.echo(json.dumps(row, default=str, ensure_ascii=False))
         return
     width = max([len(r["path"]) for r in rows] + [4])
-    click.echo(f"{'rank':>4}  {'score':>7}  {'path':<{width}}  root")
+    tiles = "tile_level" in hits.column_names  # pyramid-tile index: which tile matched
+    click.echo(f"{'rank':>4}  {'score':>7}  {'path':<{width}}  " + ("tile (level,row,col)  " if tiles else "") + "root")
     for row in rows:
-        click.echo(f"{row['rank']:>4}  {row['score']:>7.4f}  {row['path']:<{width}}  {row['root']}")
+        tile = f"{'(%d,%d,%d)' % (row['tile_level'], row['tile_row'], row['tile_col']):<20}  " if tiles else ""
+        click.echo(f"{row['rank']:>4}  {row['score']:>7.4f}  {row['path']:<{width}}  {tile}{row['root']}")
 
 
 @main.command()

@@ -7,9 +7,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 DEFAULT_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"]
+# encoder.quality presets for dynamic-resolution models: (min_pixels, max_pixels), 28x28 pixels a token.
+QUALITY_PIXELS = {name: (low * 28 * 28, high * 28 * 28) for name, (low, high) in
+                  {"fast": (128, 256), "balanced": (256, 512), "high": (256, 768), "ultra": (256, 1024)}.items()}
 
 
 class ConfigError(Exception):
@@ -58,10 +61,63 @@ class DecodeConfig(_Strict):
 class EncoderConfig(_Strict):
     model: str = "openai/clip-vit-base-patch32"
     revision: str | None = None
-    kind: Literal["auto", "clip", "siglip", "siglip2", "dinov2"] = "auto"
+    # A PEFT adapter's base model (hub id or folder), when the one its adapter_config.json names cannot be
+    # reached.
+    base_model: str | None = None
+    kind: Literal["auto", "clip", "siglip", "siglip2", "dinov2", "http", "colqwen2", "colqwen2_5",
+                  "biqwen2_5", "colpali", "qwen_vl_features"] = "auto"
+    # kind http: a remote NIM/OpenAI-compatible /v1/embeddings endpoint (e.g. `embindex serve`) embeds the
+    # original file bytes; `model` is the id it serves. The Bearer key comes from an environment variable.
+    url: str | None = None  # http://HOST:PORT (a trailing /v1 is accepted)
+    api_key_env: str | None = None  # the name of the variable holding the key, never the key itself
+    request_concurrency: int = Field(4, ge=1)  # requests in flight
+    request_images: int = Field(64, ge=1)  # images per bulk request
+    request_max_bytes: int = Field(32_000_000, ge=1_000_000)  # per request; a larger file is downscaled first
+    request_timeout_s: float = Field(120.0, gt=0)
+    request_retries: int = Field(5, ge=0)  # on 429, 5xx and connection errors, with exponential backoff
     device: Literal["auto", "cuda", "mps", "cpu"] | str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(64, ge=1)
+    # Dynamic resolution (Qwen-VL families): each image is resized to within [min_pixels, max_pixels] pixels,
+    # one language-model token per 28x28. None: the quality preset, else the model's own processor setting.
+    min_pixels: int | None = Field(None, ge=28 * 28)
+    max_pixels: int | None = Field(None, ge=28 * 28)
+    quality: Literal["fast", "balanced", "high", "ultra"] | None = None  # see QUALITY_PIXELS
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _max_not_below_min(cls, value: int | None, info: ValidationInfo) -> int | None:
+        low = info.data.get("min_pixels")
+        if value is not None and low is not None and value < low:
+            raise ValueError(f"must be at least encoder.min_pixels ({low})")
+        return value
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_agrees(cls, value: str | None, info: ValidationInfo) -> str | None:
+        for key, preset in zip(("min_pixels", "max_pixels"), QUALITY_PIXELS[value] if value else ()):
+            given = info.data.get(key)
+            if given is not None and given != preset:
+                raise ValueError(f"{value!r} sets encoder.{key} to {preset}, but encoder.{key} is {given}: "
+                                 "set the quality or the pixel bounds, not both")
+        return value
+    # Images of many sizes (dynamic resolution): a batch also stops at this many language-model tokens,
+    # counted padded to its longest image. None: only batch_size caps it.
+    max_batch_tokens: int | None = Field(None, ge=1)
+    # Pyramid tiles for single-vector models: the whole image and every cell of each [rows, cols] grid,
+    # stored as a multi-vector row with each vector's tile (level, row, col). E.g. [[1, 1], [3, 3], [5, 5]].
+    pyramid: list[list[int]] | None = None
+    # Multi-vector models: cluster each image's token vectors down to about 1 / pool_factor of them.
+    pool_factor: int | None = Field(None, ge=2)
+
+    @field_validator("pyramid")
+    @classmethod
+    def _valid_pyramid(cls, value: Any) -> Any:
+        from pipeline.pyramid import parse_pyramid
+
+        if value is not None:
+            parse_pyramid(value)  # ValueError names the bad grid
+        return value
 
 
 class LanceOutput(_Strict):
@@ -93,6 +149,29 @@ class RunConfig(_Strict):
     shard_size: int = Field(1024, ge=1)  # files per commit: a kill loses at most the shards in flight
 
 
+class ServeConfig(_Strict):
+    """`embindex serve`: a NIM-compatible /v1/embeddings server for the encoder above."""
+
+    host: str = "127.0.0.1"  # loopback unless asked: the API has no rate limits of its own
+    port: int = Field(8000, ge=0, le=65535)
+    model_name: str | None = None  # the id in /v1/models; default: a hub id as given, a folder's name
+    api_key_env: str | None = None  # if set, requests need `Authorization: Bearer <that variable's value>`
+    max_items: int = Field(64, ge=1)  # inputs per request
+    max_vectors: int = Field(4096, ge=1)  # vectors per request, pyramid tiles included
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # larger bodies get 413 before they are read
+    max_image_pixels: int | None = Field(None, gt=0)  # None: decode.max_image_pixels
+    max_queued_images: int = Field(8192, ge=1)  # beyond this many images waiting, new requests get 429
+    batch_window_ms: float = Field(5.0, ge=0)  # how long a GPU batch waits for more requests' images
+    decode_threads: Any = "auto"  # threads decoding request images; auto = the usable cores
+
+    @field_validator("decode_threads")
+    @classmethod
+    def _auto_or_positive(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be 'auto' or a whole number >= 1")
+
+
 class Config(_Strict):
     input: InputConfig
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
@@ -100,6 +179,7 @@ class Config(_Strict):
     output: OutputConfig = Field(default_factory=OutputConfig)
     run: RunConfig = Field(default_factory=RunConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
     config_path: str | None = Field(None, exclude=True)
 
     @property
@@ -155,8 +235,10 @@ def _format_validation_error(err: ValidationError) -> str:
     return "; ".join(dict.fromkeys(lines))
 
 
-def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read CONFIG, apply --set overrides, validate, and resolve paths against the file's folder."""
+def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = (),
+                require_input: bool = True) -> Config:
+    """Read CONFIG, apply --set overrides, validate, and resolve paths against the file's folder.
+    `require_input=False` (`embindex serve`) accepts a config without an input section."""
     config_path = Path(path)
     try:
         raw = yaml.safe_load(config_path.read_text()) or {}
@@ -168,6 +250,8 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
         raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
     for assignment in overrides:
         apply_override(raw, assignment)
+    if not require_input and "input" not in raw:
+        raw["input"] = {"root": []}
     try:
         config = Config(**raw)
     except ValidationError as exc:
@@ -176,6 +260,10 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
         raise ConfigError(str(exc)) from None
     if config.output.lancedb is None and config.output.parquet is None:
         raise ConfigError("output: configure at least one sink (output.lancedb or output.parquet)")
+    if config.encoder.kind == "http" and not config.encoder.url:
+        raise ConfigError("encoder.url: required when encoder.kind is 'http' (e.g. http://127.0.0.1:8000)")
+    if config.encoder.kind == "http" and not config.encoder.url.startswith(("http://", "https://")):
+        raise ConfigError(f"encoder.url: expected an http:// or https:// address (got {config.encoder.url!r})")
 
     base = config_path.resolve().parent
     config.config_path = str(config_path.resolve())
@@ -189,6 +277,8 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     if config.output.parquet is not None:
         config.output.parquet.dir = _resolve(base, config.output.parquet.dir)
     config.run.report_dir = _resolve(base, config.run.report_dir)
-    if _looks_local(config.encoder.model, base):
+    if config.encoder.kind != "http" and _looks_local(config.encoder.model, base):  # http: a served id
         config.encoder.model = _resolve(base, config.encoder.model)
+    if config.encoder.base_model is not None and _looks_local(config.encoder.base_model, base):
+        config.encoder.base_model = _resolve(base, config.encoder.base_model)
     return config

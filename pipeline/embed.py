@@ -18,7 +18,7 @@ from pipeline.workers import DecodeResult
 @dataclass
 class Embedded:
     items: list[DecodeResult]  # metadata only: their pixels were copied out and released
-    vectors: np.ndarray  # (len(items), dim) float32
+    vectors: np.ndarray | list[np.ndarray]  # (len(items), dim) float32, or one (n_i, dim) per item (multi-vector)
 
 
 @dataclass
@@ -27,6 +27,7 @@ class EncodeTimer:
     decode_wait_s: float = 0.0  # main-thread seconds waiting for decoded images
     decode_s: float = 0.0  # worker seconds spent decoding, summed over workers
     images: int = 0  # images given to the encoder
+    vectors: int = 0  # vectors the encoder gave for them (multi-vector: tokens kept)
     reused: int = 0  # images whose vector came from identical bytes instead
     gpu_decoded: int = 0  # images decoded by the GPU JPEG path
     batch_sizes: list[int] = field(default_factory=list)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, ConfigError, EncoderConfig
 
 
 def fingerprint_id(fingerprint: dict[str, Any]) -> str:
@@ -54,3 +54,14 @@ def write_identity(config: Config, fingerprint: dict[str, Any]) -> None:
     temporary.write_text(json.dumps({"fingerprint_id": fingerprint_id(fingerprint), "fingerprint": fingerprint},
                                     indent=2))
     os.replace(temporary, path)
+
+
+def index_identity(model_identity: dict[str, Any], encoder: EncoderConfig) -> dict[str, Any]:
+    """The model's fingerprint plus the pipeline options that change what is stored (absent when unset,
+    so indexes built before these options existed keep their identity)."""
+    identity = dict(model_identity)
+    if encoder.pyramid:
+        identity["pyramid"] = [list(grid) for grid in encoder.pyramid]
+    if encoder.pool_factor:
+        identity["pool_factor"] = encoder.pool_factor
+    return identity

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.schema import KEY_COLUMNS
+from pipeline.schema import KEY_COLUMNS, vectors_of
 
 # Beyond this many candidate rows the lookup is skipped (and files are simply encoded): a rename
 # detector must not load half the index into memory on a night when everything changed.
@@ -17,7 +17,7 @@ MAX_PRELOADED_VECTORS = 200_000
 
 @dataclass
 class Known:
-    vector: np.ndarray
+    vector: np.ndarray  # (dim,), or (n, dim) for multi-vector rows
     width: int
     height: int
 
@@ -44,7 +44,7 @@ class VectorReuse:
     def __init__(self, known_rows: pa.Table, images: pa.Table, pending: pa.Table) -> None:
         self._known: dict[str, Known] = {}
         if known_rows.num_rows:
-            vectors = np.stack(known_rows["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+            vectors = vectors_of(known_rows["embedding"])
             for index, (digest, width, height) in enumerate(zip(
                     known_rows["content_hash"].to_pylist(), known_rows["width"].to_pylist(),
                     known_rows["height"].to_pylist())):

@@ -15,18 +15,19 @@ from typing import Any
 from pipeline.commit import ShardCommitter
 from pipeline.config import Config, ConfigError
 from pipeline.embed import EncodeTimer, embed_stream
+from pipeline.embed_groups import embed_groups
 from pipeline.encoders import describe_model, load_encoder
 from pipeline.encoders.base import Encoder
 from pipeline.exitcodes import EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline.feed import Feed, gpu_workers
 from pipeline.gpu_decode import GpuJpegDecoder
-from pipeline.identity import check_identity, fingerprint_id, write_identity
+from pipeline.identity import check_identity, fingerprint_id, index_identity, write_identity
+from pipeline.layout import is_grouped, row_extras, row_schema, vector_sizes, wrap_encoder
 from pipeline.lock import IndexLock
 from pipeline.plan import make_plan
 from pipeline.report import MemoryProbe, gpu_memory_peaks, progress_bar, write_report
 from pipeline.reuse import VectorReuse, load_known_rows
 from pipeline.scan import scan_table
-from pipeline.schema import images_schema
 from pipeline.sinks import finish_run, lance_versions, open_sinks, prepare_sinks
 from pipeline.workers import DecodePool, Item, usable_cores
 
@@ -52,7 +53,7 @@ def _gpu_decode_wanted(config: Config, encoder: Encoder) -> bool:
     from pipeline.gpu_decode import gpu_jpeg_available
 
     wanted = config.decode.device
-    if wanted == "cpu":
+    if wanted == "cpu" or is_grouped(encoder):  # nvJPEG feeds fixed-size batches only
         return False
     available = gpu_jpeg_available(encoder.device)
     if wanted == "cuda" and not available:
@@ -78,7 +79,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
     wall_started = time.perf_counter()
     described = describe_model(config.encoder) if encoder is None else None
     describe_s = time.perf_counter() - wall_started  # imports and config files: part of loading the model
-    identity = encoder.fingerprint() if encoder is not None else described.identity()
+    identity = index_identity(encoder.fingerprint() if encoder is not None else described.identity(), config.encoder)
     must_rebuild = check_identity(config, identity, rebuild)
     device = encoder.device if encoder is not None else described.device
 
@@ -108,11 +109,12 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         committer = None
         if plan.pending.num_rows:
             load_started = time.perf_counter()
-            encoder = encoder or load_encoder(config.encoder, described)
+            encoder = wrap_encoder(encoder or load_encoder(config.encoder, described), config.encoder)
             model_load_s += time.perf_counter() - load_started
             embed_started = time.perf_counter()
-            identity = encoder.fingerprint()
-            committer = ShardCommitter(sinks, images_schema(encoder.dim), encoder.name, config.run.shard_size)
+            identity = index_identity(encoder.fingerprint(), config.encoder)
+            committer = ShardCommitter(sinks, row_schema(encoder), encoder.name, config.run.shard_size,
+                                       row_extras(encoder))
             use_gpu = _gpu_decode_wanted(config, encoder)
             n_workers = usable_cores() if config.decode.workers == "auto" else config.decode.workers
             if use_gpu and config.decode.workers == "auto":
@@ -128,7 +130,12 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                 else:
                     results = pool.imap(items)
                 bar = progress_bar(plan.pending.num_rows, sys.stderr.isatty() if progress is None else progress)
-                for event in embed_stream(results, encoder, config.encoder.batch_size, pool.release, timer, reuse):
+                if is_grouped(encoder):
+                    events = embed_groups(results, encoder, config.encoder.batch_size, config.encoder.max_batch_tokens,
+                                          pool.release, timer, reuse, config.encoder.pool_factor)
+                else:
+                    events = embed_stream(results, encoder, config.encoder.batch_size, pool.release, timer, reuse)
+                for event in events:
                     committer.add(event)
                     bar.update(len(getattr(event, "items", [event])))
                 committer.commit()
@@ -179,6 +186,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "decode_wait_s": timer.decode_wait_s,
         "embed_s": embed_s,
         "images_per_s": written / embed_s if embed_s > 0 else 0.0,
+        **vector_sizes(encoder, timer),
         "encode_images_per_s": timer.images / timer.encode_s if timer.encode_s > 0 else 0.0,
         "peak_host_rss_mb": memory.peak_host_rss_mb,
         "peak_main_rss_mb": memory.peak_main_rss_mb,

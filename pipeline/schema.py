@@ -82,6 +82,19 @@ def embedding_column(embeddings: np.ndarray | list[np.ndarray], schema: pa.Schem
     return pa.ListArray.from_arrays(offsets, vectors, type=schema.field("embedding").type), counts
 
 
+def vectors_of(column: pa.Array | pa.ChunkedArray) -> np.ndarray | list[np.ndarray]:
+    """An embedding column as float32: (N, dim) for single vectors, a list of (n_i, dim) for multi-vector."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        dim = column.type.value_type.list_size
+        flat = column.values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+        offsets = column.offsets.to_numpy()
+        return [flat[start:end] for start, end in zip(offsets[:-1], offsets[1:])]
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+
+
 def image_rows(meta: dict[str, list], embeddings: np.ndarray | list[np.ndarray], model: str,
                schema: pa.Schema) -> pa.Table:
     """One row per embedded file; `meta` holds the per-file columns (and any extra fields of the schema)."""
