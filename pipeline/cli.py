@@ -129,7 +129,8 @@ def query(config_path: str, text: str | None, image_path: str | None, k: int, wh
     tiles = "tile_level" in hits.column_names  # pyramid-tile index: which tile matched
     click.echo(f"{'rank':>4}  {'score':>7}  {'path':<{width}}  " + ("tile (level,row,col)  " if tiles else "") + "root")
     for row in rows:
-        tile = f"{'(%d,%d,%d)' % (row['tile_level'], row['tile_row'], row['tile_col']):<20}  " if tiles else ""
+        where_in = f"({row['tile_level']},{row['tile_row']},{row['tile_col']})" if tiles else ""
+        tile = f"{where_in:<20}  " if tiles else ""
         click.echo(f"{row['rank']:>4}  {row['score']:>7.4f}  {row['path']:<{width}}  {tile}{row['root']}")
 
 
