@@ -1,163 +1,147 @@
-"""Feed pending files to the GPU JPEG decoder and the CPU decode pool at once; merge what they produce.
+"""Feed the decode workers and the GPU JPEG decoder at once; merge what they produce.
 
-Both paths pull from one queue of files, so each takes what it can keep up with: on ImageNet-size
-JPEGs the GPU does most, on 12-megapixel ones the CPU pool (JPEG draft mode) adds its share.
-Files the GPU path cannot take (other formats, CMYK, corrupt data, possible duplicates) go to the
-CPU pool, which records errors with their reasons, so the set of rows is the same either way.
+Every file goes to a decode worker process, which reads and hashes it. A JPEG the GPU can take
+comes back as bytes (probed, not decoded) while the GPU decoder has room; any other file, or any
+file while the GPU path is backed up, is decoded by the worker itself. So both decoders stay busy,
+and no per-file Python work (reads, hashes, header probes) runs in the main process, where it would
+compete for the GIL with the threads that launch GPU work. Files nvJPEG rejects go back to the
+workers for a CPU decode, which records errors with their reasons: the rows are the same either way.
 """
 
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pipeline.decode import DecodeError, content_hash, read_file
-from pipeline.gpu_decode import GpuBatch, GpuJpegDecoder, JpegFile, probe_jpeg
-from pipeline.reuse import VectorReuse
+from pipeline.gpu_decode import GpuBatch, JpegFile
 from pipeline.workers import DecodePool, DecodeResult, Item
 
-JPEG_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif")
-READER_THREADS = 8  # file reads and hashing release the GIL
+# At most this many GPU batches decoded and not yet taken by the encode stage: beyond it the GPU
+# decoder waits, its queue fills, and the workers decode on the CPU instead.
+READY_BATCHES = 2
+BATCH_WAIT_S = 0.002  # how long a partial batch waits for more JPEGs
 _DONE = object()
 
 
 class Feed:
-    def __init__(self, pool: DecodePool, gpu: GpuJpegDecoder, reuse: VectorReuse, max_image_pixels: int,
-                 gpu_batch: int = 256) -> None:
-        self.pool, self.gpu, self.reuse = pool, gpu, reuse
-        self.max_image_pixels, self.gpu_batch = max_image_pixels, gpu_batch
+    def __init__(self, pool: DecodePool, gpu: Any, gpu_batch: int = 256) -> None:
+        """`gpu` decodes lists of JpegFile: (pixels, decoded, rejected, ready event) (GpuJpegDecoder)."""
+        self.pool, self.gpu, self.gpu_batch = pool, gpu, gpu_batch
         self.gpu_decoded = 0
-        self._source: Iterator[Item] | None = None
-        self._source_lock = threading.Lock()
-        self._source_empty = False
-        self._overflow: queue.SimpleQueue[Item] = queue.SimpleQueue()  # files the GPU path handed back
-        self._gpu_done = threading.Event()
-        self._out: queue.Queue[Any] = queue.Queue(maxsize=64)
+        self._jpegs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._rejected: queue.SimpleQueue[Item] = queue.SimpleQueue()  # back to the workers, CPU only
+        self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._ready = threading.BoundedSemaphore(READY_BATCHES)
+        self._lock = threading.Lock()
+        self._outstanding = 0  # JPEGs handed to the GPU path and not yet decoded or rejected
 
-    # -- the shared source ------------------------------------------------------------------
-    def _take(self, n: int) -> list[Item]:
-        taken: list[Item] = []
-        with self._source_lock:
-            while len(taken) < n and not self._source_empty:
-                try:
-                    taken.append(next(self._source))  # type: ignore[arg-type]
-                except StopIteration:
-                    self._source_empty = True
-        return taken
+    def _count(self, delta: int) -> None:
+        with self._lock:
+            self._outstanding += delta
+            # More than two batches waiting: the GPU is behind; let the workers decode on the CPU.
+            self.pool.gpu_room.value = self._outstanding < 2 * self.gpu_batch
 
-    def _cpu_items(self) -> Iterator[Item | None]:
-        """Hand-backs first, then the shared source; None means 'nothing right now' to the pool."""
+    def _items(self, items: Iterator[Item]) -> Iterator[Item | None]:
+        """Rejected JPEGs first, then the source; None tells the pool 'nothing right now'."""
+        source_done = False
         while True:
             try:
-                yield self._overflow.get_nowait()
+                yield self._rejected.get_nowait()
                 continue
             except queue.Empty:
                 pass
-            taken = self._take(1)
-            if taken:
-                yield taken[0]
-            elif self._gpu_done.is_set() and self._overflow.empty():
+            if not source_done:
+                try:
+                    yield next(items)
+                    continue
+                except StopIteration:
+                    source_done = True
+            # The count first: the GPU thread queues rejections before it lowers the count.
+            if self._outstanding == 0 and self._rejected.empty():
                 return
-            else:
-                yield None
+            yield None
 
-    # -- the two producers ----------------------------------------------------------------------
-    def _run_cpu(self) -> None:
+    def _run_workers(self, items: Iterator[Item]) -> None:
         try:
-            for result in self.pool.imap(self._cpu_items()):
-                self._out.put(result)
+            for result in self.pool.imap(self._items(items)):
+                if result.jpeg is not None:
+                    self._count(+1)
+                    self._jpegs.put(result)
+                else:
+                    self._out.put(result)
         except BaseException as exc:  # re-raised in the consumer
             self._out.put(exc)
         finally:
+            self._jpegs.put(_DONE)
             self._out.put(_DONE)
 
-    def _read(self, item: Item) -> tuple[Item, bytes | None, str | None, Any]:
-        key, path, known = item
-        try:
-            data = read_file(path)
-        except DecodeError as exc:
-            return item, None, None, str(exc)
-        return item, data, content_hash(data), probe_jpeg(data, self.max_image_pixels)
-
-    def _gpu_chunk(self, readers: ThreadPoolExecutor) -> list[Any]:
-        chunk = []
-        for item in self._take(self.gpu_batch):
-            if not item[1].lower().endswith(JPEG_SUFFIXES):
-                self._overflow.put(item)  # other formats: the CPU pool
-            else:
-                chunk.append(item)
-        return list(readers.map(self._read, chunk))
+    def _next_batch(self) -> tuple[list[DecodeResult], bool]:
+        batch: list[DecodeResult] = []
+        first = self._jpegs.get()
+        if first is _DONE:
+            return batch, True
+        batch.append(first)
+        deadline = time.perf_counter() + BATCH_WAIT_S
+        while len(batch) < self.gpu_batch:
+            try:
+                item = self._jpegs.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if item is _DONE:
+                return batch, True
+            batch.append(item)
+        return batch, False
 
     def _run_gpu(self) -> None:
         try:
-            with ThreadPoolExecutor(READER_THREADS, thread_name_prefix="jpeg-reader") as readers:
-                upcoming = readers.submit(self._gpu_chunk, readers)
-                while True:
-                    chunk = upcoming.result()
-                    if not chunk and self._source_empty:
-                        break
-                    upcoming = readers.submit(self._gpu_chunk, readers)  # read the next while this decodes
-                    self._decode_chunk(chunk)
+            done = False
+            while not done:
+                batch, done = self._next_batch()
+                if batch:
+                    self._decode(batch)
         except BaseException as exc:
             self._out.put(exc)
         finally:
-            self._gpu_done.set()
             self._out.put(_DONE)
 
-    def _decode_chunk(self, chunk: list[Any]) -> None:
-        files = []
-        for item, data, digest, probe in chunk:
-            key, path, known = item
-            if data is None:
-                self._out.put(DecodeResult(key, None, None, error=probe))
-            elif self.reuse.lookup(digest) is not None:
-                self._out.put(DecodeResult(key, None, None, content_hash=digest, reused=True))
-            elif probe is None:
-                self._overflow.put(item)
-            else:
-                width, height, orientation = probe
-                files.append(JpegFile(key, path, data, digest, width, height, orientation))
-        if not files:
-            return
+    def _decode(self, batch: list[DecodeResult]) -> None:
+        files = [JpegFile(r, "", r.jpeg, r.content_hash, r.width, r.height, r.orientation) for r in batch]
         started = time.perf_counter()
         pixels, good, bad, ready = self.gpu.decode(files)
         for file in bad:
-            self._overflow.put((file.key, file.path, None))
+            self._rejected.put((file.key.key, file.key.path, None, True))
         if pixels is not None:
             self.gpu_decoded += len(good)
-            items = [DecodeResult(f.key, None, None, f.width, f.height, f.content_hash) for f in good]
+            items = []
+            for file in good:
+                result = file.key
+                result.jpeg = None  # the bytes are decoded: free them now
+                items.append(result)
+            self._ready.acquire()  # released when the encode stage takes the batch
             self._out.put(GpuBatch(items, pixels, ready, time.perf_counter() - started))
+        self._count(-len(batch))
 
-    # -- the merged stream ------------------------------------------------------------------
     def stream(self, items: Iterator[Item]) -> Iterator[DecodeResult | GpuBatch]:
-        self._source = iter(items)
-        threads = [threading.Thread(target=self._run_gpu, name="gpu-feed", daemon=True),
-                   threading.Thread(target=self._run_cpu, name="cpu-feed", daemon=True)]
-        # Four busy Python threads: hand the GIL over every 0.5 ms instead of 5 ms, so the GPU feed
-        # does not wait behind the readers between its many short CUDA calls.
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(0.0005)
+        threads = [threading.Thread(target=self._run_workers, args=(iter(items),), name="decode-feed", daemon=True),
+                   threading.Thread(target=self._run_gpu, name="gpu-decode", daemon=True)]
         for thread in threads:
             thread.start()
         finished = 0
-        try:
-            while finished < len(threads):
-                event = self._out.get()
-                if event is _DONE:
-                    finished += 1
-                elif isinstance(event, BaseException):
-                    raise event
-                else:
-                    yield event
-        finally:
-            sys.setswitchinterval(switch_interval)
+        while finished < len(threads):
+            event = self._out.get()
+            if event is _DONE:
+                finished += 1
+            elif isinstance(event, BaseException):
+                raise event
+            else:
+                if isinstance(event, GpuBatch):
+                    self._ready.release()
+                yield event
 
 
 def gpu_workers(cores: int) -> int:
-    """Decode processes beside the GPU path: leave two cores for the readers and the main thread."""
-    return max(1, cores - 2)
+    """Decode processes beside the GPU path: one core stays for the main process's threads."""
+    return max(1, cores - 1)

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from pipeline.decode import ORIENTATION_TAG, InputSpec, resized_size
+from pipeline.decode import InputSpec, resized_size
+from pipeline.jpeg_probe import GPU_MODES, probe_jpeg  # noqa: F401 - re-exported for the feed and tests
 
 log = logging.getLogger(__name__)
 
-GPU_MODES = ("RGB", "L")  # CMYK/YCCK and anything odd go to the CPU pool
 MAX_BICUBIC_FACTOR = 3.0
 
 
@@ -49,27 +47,6 @@ class GpuBatch:
     ready: torch.cuda.Event | None = None
     decode_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def probe_jpeg(data: bytes, max_image_pixels: int) -> tuple[int, int, int] | None:
-    """(width, height, orientation) of a JPEG the GPU can take, from its header; None sends it to the CPU."""
-    if data[:3] != b"\xff\xd8\xff":
-        return None
-    if not data.rstrip(b"\x00")[-2:] == b"\xff\xd9":
-        return None  # no end-of-image marker: nvJPEG would fill the gap silently; the CPU path reports it
-    try:
-        image = Image.open(io.BytesIO(data))
-        if image.format != "JPEG" or image.mode not in GPU_MODES:
-            return None
-        width, height = image.size
-        if width * height > max_image_pixels:
-            return None  # the CPU path records the refusal with its reason
-        orientation = image.getexif().get(ORIENTATION_TAG, 1)
-    except Exception:  # any header trouble: the CPU path decides and explains
-        return None
-    if orientation in (5, 6, 7, 8):
-        width, height = height, width
-    return width, height, orientation if orientation in range(1, 9) else 1
 
 
 def orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:

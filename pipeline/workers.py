@@ -16,11 +16,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.decode import DecodeError, InputSpec, content_hash, decode_file, read_file
+from pipeline.jpeg_probe import JPEG_SUFFIXES, probe_jpeg
 from pipeline.pyramid import tile_count
 
 log = logging.getLogger(__name__)
 
-Item = tuple[Any, str, "frozenset[str] | None"]  # (caller's key, path, hashes that need no decode)
+# (caller's key, path, hashes that need no decode), optionally a 4th element: True = decode on the CPU
+# even where the GPU could take the file (it failed there)
+Item = tuple[Any, ...]
 TASKS_PER_WORKER = 4  # one decoding, three queued: a worker never waits on the main process
 
 
@@ -36,6 +39,9 @@ class DecodeResult:
     decode_s: float = 0.0
     reused: bool = False  # the bytes hash to a known vector: read and hashed, not decoded
     needs_encoding: bool = False  # set by the encode stage for GPU-decoded items it will encode
+    jpeg: bytes | None = None  # a JPEG the GPU decoder takes: read, hashed and probed, not decoded
+    orientation: int = 1  # its EXIF orientation (width and height are already upright)
+    path: str | None = None  # set on `jpeg` results, so a file the GPU rejects can go back to a worker
 
 
 def usable_cores() -> int:
@@ -66,7 +72,7 @@ def slot_bytes(spec: InputSpec) -> int:
 
 
 def _worker_main(conn: Connection, shm_name: str, n_bytes: int, n_slots: int,
-                 spec: InputSpec, max_image_pixels: int, jpeg_draft: bool) -> None:
+                 spec: InputSpec, max_image_pixels: int, jpeg_draft: bool, gpu_room: Any) -> None:
     shm = SharedMemory(name=shm_name)
     slots = np.ndarray((n_slots, n_bytes), dtype=np.uint8, buffer=shm.buf)
     try:
@@ -74,13 +80,21 @@ def _worker_main(conn: Connection, shm_name: str, n_bytes: int, n_slots: int,
             task = conn.recv()
             if task is None:
                 return
-            task_id, path, slot, known_hashes = task
+            task_id, path, slot, known_hashes, gpu_may_take = task
             _inject_fault(path)
             try:
+                started = time.perf_counter()
                 data = read_file(path)
                 digest = content_hash(data)
                 if known_hashes and digest in known_hashes:
                     conn.send((task_id, ("reuse", digest), None, 0.0))
+                    continue
+                # While the GPU decoder has room, JPEGs it can take leave as bytes: the worker only read,
+                # hashed and probed them. Otherwise (or when it is backed up) they are decoded here.
+                probe = probe_jpeg(data, max_image_pixels) if gpu_may_take and gpu_room.value else None
+                if probe is not None and len(data) <= n_bytes:
+                    slots[slot, :len(data)] = np.frombuffer(data, np.uint8)
+                    conn.send((task_id, ("jpeg", *probe, digest, len(data)), None, time.perf_counter() - started))
                     continue
                 decoded = decode_file(path, spec, max_image_pixels, jpeg_draft, data=data, digest=digest)
             except DecodeError as exc:
@@ -120,16 +134,20 @@ class DecodePool:
     """A fixed number of decode processes fed in order; results come back as they finish."""
 
     def __init__(self, spec: InputSpec, workers: int, max_image_pixels: int, timeout_s: float = 60.0,
-                 jpeg_draft: bool = True, n_slots: int | None = None) -> None:
+                 jpeg_draft: bool = True, n_slots: int | None = None, gpu_jpeg_bytes: int = 0) -> None:
+        """`gpu_jpeg_bytes` > 0: JPEGs up to that size that the GPU decoder takes come back as bytes
+        (DecodeResult.jpeg) while `gpu_room` is set (see feed.Feed)."""
         self.spec, self.timeout_s = spec, timeout_s
         self.n_workers = max(1, workers)
         self.n_slots = n_slots or self.n_workers * TASKS_PER_WORKER * 2
-        n_bytes = slot_bytes(spec)
+        self.gpu_jpeg = gpu_jpeg_bytes > 0
+        n_bytes = max(slot_bytes(spec), gpu_jpeg_bytes)
         self._shm = SharedMemory(create=True, size=self.n_slots * n_bytes)
         self._slots = np.ndarray((self.n_slots, n_bytes), dtype=np.uint8, buffer=self._shm.buf)
         self._free = list(range(self.n_slots))
         self._ctx = mp.get_context("spawn")  # the main process holds CUDA and threads: never fork it
-        self._args = (self._shm.name, n_bytes, self.n_slots, spec, max_image_pixels, jpeg_draft)
+        self.gpu_room = self._ctx.RawValue("b", 1)  # cleared while the GPU decoder is backed up
+        self._args = (self._shm.name, n_bytes, self.n_slots, spec, max_image_pixels, jpeg_draft, self.gpu_room)
         self._workers = [_Worker(self._ctx, self._args) for _ in range(self.n_workers)]
         self._next_id = 0
         self.crashes = 0
@@ -202,13 +220,14 @@ class DecodePool:
     def _dispatch(self, pending: collections.deque[Item]) -> None:
         for worker in sorted(self._workers, key=lambda w: len(w.tasks)):
             while pending and self._free and len(worker.tasks) < TASKS_PER_WORKER:
-                key, path, known_hashes = pending.popleft()
+                key, path, known_hashes, *cpu_only = pending.popleft()
                 task = _Task(self._next_id, key, path, self._free.pop(), known_hashes)
                 self._next_id += 1
                 if not worker.tasks:
                     worker.current_since = time.monotonic()
                 worker.tasks.append(task)
-                worker.conn.send((task.task_id, task.path, task.slot, task.known_hashes))
+                gpu_may_take = self.gpu_jpeg and not cpu_only and path.lower().endswith(JPEG_SUFFIXES)
+                worker.conn.send((task.task_id, task.path, task.slot, task.known_hashes, gpu_may_take))
 
     def _collect(self, busy: list[_Worker], pending: collections.deque[Item]) -> Iterator[DecodeResult]:
         now = time.monotonic()
@@ -238,7 +257,13 @@ class DecodePool:
         assert task.task_id == task_id, "decode results arrive in the order they were sent"
         self._crashes_in_a_row = 0
         worker.current_since = time.monotonic()
-        if error is not None or meta[0] == "reuse":
+        if error is not None or meta[0] in ("reuse", "jpeg"):
+            if meta is not None and meta[0] == "jpeg":
+                _, width, height, orientation, digest, size = meta
+                data = self._slots[task.slot, :size].tobytes()  # copied out: the slot is free at once
+                self._free.append(task.slot)
+                return DecodeResult(task.key, None, None, width, height, digest, decode_s=decode_s, jpeg=data,
+                                    orientation=orientation, path=task.path)
             self._free.append(task.slot)
             if error is not None:
                 return DecodeResult(task.key, None, None, error=error, decode_s=decode_s)
@@ -256,7 +281,7 @@ class DecodePool:
         culprit = worker.tasks.popleft()
         log.warning("%s: %s; starting a new decode worker", culprit.path, reason)
         for task in reversed(worker.tasks):
-            pending.appendleft((task.key, task.path, task.known_hashes))
+            pending.appendleft((task.key, task.path, task.known_hashes))  # may go to the GPU again
             self._free.append(task.slot)
         self._free.append(culprit.slot)
         worker.conn.close()
