@@ -151,6 +151,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"{report['files_deleted']} deleted, {report['files_unchanged']} unchanged",
         f"- embedded {report['images_embedded']} images at {report['images_per_s']:.1f} images/s; "
         f"{sum(errors.values())} errors",
+        *([f"- {report['vectors_per_image']:.1f} vectors and {report['embedding_bytes_per_image'] / 1024:.1f} KiB "
+           "of embeddings per image"] if report.get("vectors_per_image") else []),
         "",
         "| Batch Size | Peak VRAM (allocated) | Peak VRAM (reserved) | Peak host RSS | Processing Time | Images/s |",
         "|---|---|---|---|---|---|",
