@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import re
 import string
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (
     BitImageProcessorPil,
@@ -19,9 +24,21 @@ from transformers import (
     CLIPModel,
     CLIPProcessor,
     CLIPTokenizer,
+    ColPaliConfig,
+    ColPaliForRetrieval,
+    ColPaliProcessor,
+    ColQwen2Config,
+    ColQwen2ForRetrieval,
+    ColQwen2Processor,
     Dinov2Config,
     Dinov2Model,
     GemmaTokenizer,
+    PaliGemmaConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Tokenizer,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessorPil,
     SiglipConfig,
     SiglipImageProcessorPil,
     SiglipModel,
@@ -249,11 +266,190 @@ def write_dinov2(out_dir: Path) -> None:
     image_processor.save_pretrained(out_dir)
 
 
+# --- Vision-language families (Qwen2-VL / Qwen2.5-VL backbones, PaliGemma) ---------------------------------
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+QWEN_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 2048,
+    # mrope_section (temporal, height, width) must sum to head_dim / 2 = 8.
+    # A low rope_theta (real: 1e6) makes positions matter in so small a model: tests see a 1-D vs 2-D mix-up.
+    "rope_parameters": {"rope_type": "default", "rope_theta": 100.0, "mrope_section": [2, 3, 3]},
+}
+# The smart-resize budget of the tiny processors, in 28x28-pixel tokens: small enough that a CPU test
+# embeds 400 photos in seconds, large enough that real photos get grids of many shapes.
+QWEN_MIN_TOKENS, QWEN_MAX_TOKENS = 4, 64
+CLIP_MEAN_STD = {"image_mean": CLIP_MEAN, "image_std": CLIP_STD}  # Qwen-VL normalises with CLIP's statistics
+COL_DIM = 128
+# The colpali-engine / nomic adapters' LoRA targets: every language-model projection.
+LORA_TARGETS = r"(.*(model).*(down_proj|gate_proj|up_proj|k_proj|q_proj|v_proj|o_proj).*$)"
+LORA_RANK, LORA_ALPHA = 4, 8
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """Byte-level BPE without merges plus Qwen's chat and vision markers, each one token."""
+    alphabet = sorted(ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate(alphabet + QWEN_SPECIALS)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIALS])
+    return tokenizer
+
+
+def qwen_image_processor() -> Qwen2VLImageProcessorPil:
+    return Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_TOKENS * 28 * 28, max_pixels=QWEN_MAX_TOKENS * 28 * 28,
+                                    patch_size=14, temporal_patch_size=2, merge_size=2, resample=BICUBIC,
+                                    **CLIP_MEAN_STD)
+
+
+def qwen_token_ids(tokenizer: Qwen2Tokenizer) -> dict[str, int]:
+    ids = tokenizer.convert_tokens_to_ids
+    return {"image_token_id": ids("<|image_pad|>"), "video_token_id": ids("<|video_pad|>"),
+            "vision_start_token_id": ids("<|vision_start|>"), "vision_end_token_id": ids("<|vision_end|>")}
+
+
+def qwen2_5_vl_config(tokenizer: Qwen2Tokenizer) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL's architecture at toy size: windowed vision blocks with one full-attention block."""
+    return Qwen2_5_VLConfig(
+        text_config={**QWEN_TEXT, "vocab_size": len(tokenizer), "bos_token_id": None,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "patch_size": 14,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                       "fullatt_block_indexes": [1], "out_hidden_size": QWEN_TEXT["hidden_size"]},
+        **qwen_token_ids(tokenizer),
+    )
+
+
+def save_qwen_inputs(out_dir: Path, tokenizer: Any) -> None:
+    """The image processor and tokenizer files (Qwen2_5_VLProcessor itself needs torchvision for videos)."""
+    qwen_image_processor().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def write_qwen_vl(out_dir: Path) -> None:
+    """A Qwen2.5-VL chat model (for `kind: qwen_vl_features`, and the base of the adapters below)."""
+    tokenizer = qwen_tokenizer()
+    save_model(Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(tokenizer)), out_dir)
+    save_qwen_inputs(out_dir, tokenizer)
+
+
+def colpali_engine_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 names (model.language_model.*, model.visual.*) -> the names in colpali-engine and
+    Qwen2.5-VL-Instruct checkpoints (model.*, visual.*), which the loader must map back."""
+    renamed = {}
+    for key, value in state.items():
+        if key.startswith("lm_head."):
+            continue  # the retrieval models have no language-model head
+        key = key.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1)
+        renamed[key] = value.contiguous()
+    return renamed
+
+
+def write_colqwen2_5(out_dir: Path) -> None:
+    """A merged ColQwen2.5 checkpoint as colpali-engine saves one (architectures ["ColQwen2_5"])."""
+    tokenizer = qwen_tokenizer()
+    config = qwen2_5_vl_config(tokenizer)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+    state = colpali_engine_layout(model.state_dict())
+    state["custom_text_proj.weight"] = torch.randn(COL_DIM, QWEN_TEXT["hidden_size"]) * 0.02
+    state["custom_text_proj.bias"] = torch.randn(COL_DIM) * 0.02
+    config.architectures = ["ColQwen2_5"]
+    config.embindex_smoke_test = True
+    config.save_pretrained(out_dir)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_qwen_inputs(out_dir, tokenizer)
+
+
+def write_lora_adapter(out_dir: Path, base_dir: Path, whole: dict[str, torch.Tensor]) -> None:
+    """A PEFT LoRA adapter on `base_dir`, as colpali-engine trains nomic's: rank-4 updates of every language-model
+    projection, in colpali-engine key names, plus modules saved whole (`whole`). Written directly (safetensors +
+    adapter_config.json), so no PEFT is needed to make it."""
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(base_dir)
+    state = {f"base_model.model.{key}": value for key, value in whole.items()}
+    for name, module in model.model.language_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and re.fullmatch(LORA_TARGETS, f"model.{name}"):
+            prefix = f"base_model.model.model.{name}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(LORA_RANK, module.in_features) * 0.05
+            # Non-zero (a fresh adapter's B is zero): the merge must visibly change every target.
+            state[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, LORA_RANK) * 0.05
+    save_file(state, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    adapter_config = {
+        "peft_type": "LORA", "task_type": "FEATURE_EXTRACTION", "base_model_name_or_path": str(base_dir.resolve()),
+        "r": LORA_RANK, "lora_alpha": LORA_ALPHA, "lora_dropout": 0.1, "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": "gaussian", "inference_mode": True, "target_modules": LORA_TARGETS,
+        "modules_to_save": sorted({key.rsplit(".", 1)[0] for key in whole}) or None,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    save_qwen_inputs(out_dir, qwen_tokenizer())
+
+
+def write_colqwen2_5_adapter(out_dir: Path) -> None:
+    """ColNomic's shape: an adapter on a Qwen2.5-VL chat model (../qwen_vl) that also holds custom_text_proj."""
+    whole = {"custom_text_proj.weight": torch.randn(COL_DIM, QWEN_TEXT["hidden_size"]) * 0.02,
+             "custom_text_proj.bias": torch.randn(COL_DIM) * 0.02}
+    write_lora_adapter(out_dir, out_dir.parent / "qwen_vl", whole)
+
+
+def write_biqwen2_5(out_dir: Path) -> None:
+    """Nomic Embed Multimodal's shape: a LoRA adapter on a Qwen2.5-VL chat model (../qwen_vl), no projection."""
+    write_lora_adapter(out_dir, out_dir.parent / "qwen_vl", {})
+
+
+def write_colqwen2(out_dir: Path) -> None:
+    """transformers' ColQwen2ForRetrieval on a Qwen2-VL backbone, with its own processor."""
+    tokenizer = qwen_tokenizer()
+    vlm_config = Qwen2VLConfig(
+        text_config={**QWEN_TEXT, "vocab_size": len(tokenizer), "bos_token_id": None,
+                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": QWEN_TEXT["hidden_size"], "mlp_ratio": 2,
+                       "num_heads": 4, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
+        **qwen_token_ids(tokenizer),
+    )
+    save_model(ColQwen2ForRetrieval(ColQwen2Config(vlm_config=vlm_config, embedding_dim=COL_DIM)), out_dir)
+    tokenizer.padding_side = "left"  # as vidore/colqwen2-v1.0-hf
+    ColQwen2Processor(image_processor=qwen_image_processor(), tokenizer=tokenizer).save_pretrained(out_dir)
+
+
+def write_colpali(out_dir: Path) -> None:
+    """transformers' ColPaliForRetrieval (PaliGemma: SigLIP vision + Gemma text) with its own processor."""
+    tokenizer = gemma_tokenizer()
+    image_processor = siglip_image_processor()
+    image_processor.image_seq_length = (IMAGE_SIZE // PATCH_SIZE) ** 2  # read by ColPaliProcessor
+    processor = ColPaliProcessor(image_processor=image_processor, tokenizer=tokenizer)  # adds <image>, <locNNNN>
+    hidden = QWEN_TEXT["hidden_size"]
+    vlm_config = PaliGemmaConfig(
+        vision_config={**VISION, "projection_dim": hidden},
+        text_config={"hidden_size": hidden, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16,
+                     "vocab_size": len(tokenizer), "max_position_embeddings": 256,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id},
+        image_token_index=processor.image_token_id,
+        projection_dim=hidden,
+        hidden_size=hidden,
+        vocab_size=len(tokenizer),
+    )
+    save_model(ColPaliForRetrieval(ColPaliConfig(vlm_config=vlm_config, embedding_dim=COL_DIM)), out_dir)
+    processor.save_pretrained(out_dir)
+
+
 FAMILIES: dict[str, Callable[[Path], None]] = {
     "clip": write_clip,
     "siglip": write_siglip,
     "siglip2": write_siglip2,
     "dinov2": write_dinov2,
+    # qwen_vl first: the adapters name it as their base.
+    "qwen_vl": write_qwen_vl,
+    "colqwen2_5": write_colqwen2_5,
+    "colqwen2_5_adapter": write_colqwen2_5_adapter,
+    "biqwen2_5": write_biqwen2_5,
+    "colqwen2": write_colqwen2,
+    "colpali": write_colpali,
 }
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import ConfigError, EncoderConfig
+from pipeline.decode import InputSpec
 from pipeline.encoders.base import (
     Encoder,
     HFSingleVectorEncoder,
@@ -19,7 +20,11 @@ from pipeline.encoders.base import (
 log = logging.getLogger(__name__)
 
 # config.json model_type -> encoder kind. Fixed-resolution SigLIP2 checkpoints are model_type "siglip".
-KIND_BY_MODEL_TYPE = {"clip": "clip", "siglip": "siglip", "dinov2": "dinov2"}
+KIND_BY_MODEL_TYPE = {"clip": "clip", "siglip": "siglip", "dinov2": "dinov2", "colqwen2": "colqwen2",
+                      "colpali": "colpali"}
+# The model_type each vision-language kind loads (a forced encoder.kind is checked against it).
+VLM_MODEL_TYPES = {"colqwen2": ("colqwen2",), "colpali": ("colpali",), "colqwen2_5": ("qwen2_5_vl",),
+                   "biqwen2_5": ("qwen2_5_vl",), "qwen_vl_features": ("qwen2_vl", "qwen2_5_vl")}
 
 
 class ModelLoadError(Exception):
@@ -91,10 +96,31 @@ def _encoder_class(kind: str) -> type[HFSingleVectorEncoder]:
     return Dinov2Encoder
 
 
-def detect_kind(model_config: Any, requested: str) -> str:
+def _qwen_vl_kind(model_config: Any, adapter: Any) -> str:
+    """colpali-engine's ColQwen2.5 and BiQwen2.5 share the Qwen2.5-VL config: the architecture, or the adapter's
+    `custom_text_proj`, tells them apart; a plain Qwen-VL chat model is neither."""
+    architectures = getattr(model_config, "architectures", None) or []
+    if model_config.model_type == "qwen2_5_vl":
+        if "ColQwen2_5" in architectures or (adapter is not None and adapter.targets("custom_text_proj")):
+            return "colqwen2_5"
+        if "BiQwen2_5" in architectures or adapter is not None:
+            return "biqwen2_5"
+    raise ConfigError(
+        f"encoder.kind: a {model_config.model_type} model {architectures} is a chat model, not a retrieval model: set "
+        "encoder.kind to qwen_vl_features to store its vision features, or point encoder.model at a ColQwen2.5 / "
+        "ColNomic / Nomic checkpoint or adapter"
+    )
+
+
+def detect_kind(model_config: Any, requested: str, adapter: Any = None) -> str:
+    model_type = getattr(model_config, "model_type", None)
+    if requested in VLM_MODEL_TYPES and model_type not in VLM_MODEL_TYPES[requested]:
+        raise ConfigError(f"encoder.kind: {requested} needs a model of type {' or '.join(VLM_MODEL_TYPES[requested])}, "
+                          f"not {model_type!r}")
     if requested != "auto":
         return requested
-    model_type = getattr(model_config, "model_type", None)
+    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+        return _qwen_vl_kind(model_config, adapter)
     if model_type == "siglip2":
         raise ConfigError(
             "encoder.model: SigLIP2 NaFlex (model_type 'siglip2', variable resolution) is not supported yet; "
@@ -103,7 +129,7 @@ def detect_kind(model_config: Any, requested: str) -> str:
     if model_type not in KIND_BY_MODEL_TYPE:
         raise ConfigError(
             f"encoder.kind: cannot tell the family of a model with model_type {model_type!r}; "
-            f"supported: {sorted(set(KIND_BY_MODEL_TYPE.values()))} (set encoder.kind to force one)"
+            f"supported: {sorted({*KIND_BY_MODEL_TYPE.values(), *VLM_MODEL_TYPES})} (set encoder.kind to force one)"
         )
     return KIND_BY_MODEL_TYPE[model_type]
 
@@ -121,6 +147,10 @@ class ModelSource:
     processor: Any
     offline: bool
     smoke_test: bool
+    spec: InputSpec | None = None  # vision-language kinds: the input spec (dynamic resolution), else the processor's
+    adapter: Any = None  # a PEFT adapter (encoders.peft_loading.Adapter) applied to its base model
+    tokenizer_source: str | None = None  # where the tokenizer is (an adapter's base when the adapter has none)
+    weights_options: dict[str, Any] = field(default_factory=dict)  # from_pretrained options for the weights
 
     @property
     def name(self) -> str:
@@ -128,16 +158,22 @@ class ModelSource:
 
     def identity(self) -> dict[str, Any]:
         """The encoder fingerprint less the embedding dimension (known only once loaded)."""
-        spec = input_spec_from_processor(self.processor)
+        spec = self.spec or input_spec_from_processor(self.processor)
+        if spec.dynamic:
+            from pipeline.encoders.multivector import spec_identity
+
+            preprocess = spec_identity(spec)
+        else:
+            preprocess = {
+                "resize": spec.resize, "size": list(spec.size), "crop": list(spec.crop or []),
+                "resample": spec.resample, "mean": list(spec.mean), "std": list(spec.std),
+            }
         return {
             "model": self.name,
             "revision": self.revision_hash,
             "kind": self.kind,
             "dtype": str(self.dtype).removeprefix("torch."),
-            "preprocess": {
-                "resize": spec.resize, "size": list(spec.size), "crop": list(spec.crop or []),
-                "resample": spec.resample, "mean": list(spec.mean), "std": list(spec.std),
-            },
+            "preprocess": preprocess,
         }
 
 
@@ -152,19 +188,71 @@ def describe_model(config: EncoderConfig) -> ModelSource:
         raise ModelLoadError(f"encoder.model: folder not found: {source}")
     # A hub id is read from the local cache when the Hub cannot be reached (or HF_HUB_OFFLINE is set).
     offline = not os.path.isdir(source) and not _hub_reachable()
+    from pipeline.encoders.peft_loading import find_adapter
+
+    adapter = find_adapter(source, revision, offline, config.base_model)  # None unless a PEFT adapter
+    # An adapter's config.json is its base model's; the adapter's own files (processor, tokenizer) win.
+    weights_source, weights_revision = (adapter.base, None) if adapter else (source, revision)
+    weights_offline = offline if adapter is None else not os.path.isdir(adapter.base) and not _hub_reachable()
     try:
-        model_config = AutoConfig.from_pretrained(source, revision=revision, local_files_only=offline)
+        model_config = AutoConfig.from_pretrained(weights_source, revision=weights_revision,
+                                                  local_files_only=weights_offline)
+    except (OSError, ValueError) as exc:
+        if adapter is not None:
+            raise _base_load_error(adapter, exc) from None
+        raise _load_error(source, exc) from None
+    kind = detect_kind(model_config, config.kind, adapter)
+    processor_source = source if adapter is None or adapter.has_file("preprocessor_config.json") else adapter.base
+    try:
+        processor = AutoImageProcessor.from_pretrained(processor_source, revision=revision if processor_source == source
+                                                       else None, local_files_only=offline and weights_offline)
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
-    kind = detect_kind(model_config, config.kind)
-    try:
-        processor = AutoImageProcessor.from_pretrained(source, revision=revision, local_files_only=offline)
-    except (OSError, ValueError) as exc:
-        raise _load_error(source, exc) from None
+    from pipeline.encoders.multivector import vlm_input_spec
+
+    spec = vlm_input_spec(kind, processor, config)  # None for the fixed-resolution single-vector kinds
     device = resolve_device(config.device)
-    revision_hash = weights_digest(source) if os.path.isdir(source) else getattr(model_config, "_commit_hash", None)
+    if adapter is not None:
+        base_hash = weights_digest(adapter.base) if os.path.isdir(adapter.base) else model_config._commit_hash
+        revision_hash = f"{adapter.revision_hash}+{base_hash}"
+    else:
+        revision_hash = weights_digest(source) if os.path.isdir(source) else getattr(model_config, "_commit_hash", None)
+    tokenizer_source = source if adapter is None or adapter.has_file("tokenizer_config.json") else adapter.base
     return ModelSource(source, revision, revision_hash, kind, device, resolve_dtype(config.dtype, device), processor,
-                       offline, bool(getattr(model_config, "embindex_smoke_test", False)))
+                       offline, bool(getattr(model_config, "embindex_smoke_test", False)), spec, adapter,
+                       tokenizer_source,
+                       {"revision": weights_revision, "local_files_only": weights_offline})
+
+
+def _base_load_error(adapter: Any, exc: BaseException) -> ModelLoadError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelLoadError(
+        f"encoder.base_model: could not load {adapter.base!r}, the base model of the adapter {adapter.source} "
+        f"({reason}). Download the base where the Hub can be reached (e.g. `hf download {adapter.base} --local-dir "
+        "./models/base`), copy it here and set encoder.base_model to that folder."
+    )
+
+
+def _load_vision_language(described: ModelSource) -> Encoder:
+    """The vision-language kinds: each family module builds its model class, tokenizer and encoder."""
+    import importlib
+
+    import torch
+
+    module = {"colqwen2_5": "colqwen2_5", "biqwen2_5": "colqwen2_5", "colqwen2": "colqwen2", "colpali": "colpali",
+              "qwen_vl_features": "qwen_features"}[described.kind]
+    try:
+        encoder = importlib.import_module(f"pipeline.encoders.{module}").load(described)
+    except (OSError, ValueError) as exc:
+        raise _load_error(described.source, exc) from None
+    if described.device.type == "cuda":
+        torch.set_num_threads(2)  # as in load_encoder: leave the cores to the decode workers
+    if described.smoke_test:
+        log.warning("SMOKE TEST: %s has random weights (scripts/make_*_models.py); its embeddings are "
+                    "meaningless. Set encoder.model to a real model for real use.", described.source)
+    log.info("loaded %s (%s) on %s as %s", described.name, described.kind, described.device, described.dtype)
+    encoder.smoke_test = described.smoke_test
+    return encoder
 
 
 def load_encoder(config: EncoderConfig, described: ModelSource | None = None) -> Encoder:
@@ -174,6 +262,8 @@ def load_encoder(config: EncoderConfig, described: ModelSource | None = None) ->
 
     model_source = described or describe_model(config)
     source, kind, device, dtype = model_source.source, model_source.kind, model_source.device, model_source.dtype
+    if kind in VLM_MODEL_TYPES:
+        return _load_vision_language(model_source)
     try:
         options: dict[str, Any] = {"revision": model_source.revision, "local_files_only": model_source.offline}
         model = AutoModel.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **options)
