@@ -259,5 +259,38 @@ def rollback(config_path: str, run_id: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"embindex: restored {run_id}: {counts['images']} rows, {counts['errors']} error rows")
 
 
+@main.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.option("--host", help="Address to bind [serve.host: 127.0.0.1].")
+@click.option("--port", type=click.IntRange(0, 65535), help="Port [serve.port: 8000].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key (YAML value).")
+@click.option("--quiet", "-q", is_flag=True, help="No access log; warnings and errors only.")
+@click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+def serve(config_path: str, host: str | None, port: int | None, overrides: tuple[str, ...], quiet: bool,
+          verbose: bool) -> None:
+    """Serve CONFIG's encoder as an NVIDIA-NIM-compatible POST /v1/embeddings (needs the [serve] extra)."""
+    _setup_logging(quiet, verbose)
+    try:
+        config = load_config(config_path, overrides, require_input=False)
+    except ConfigError as exc:
+        click.echo(f"embindex: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    try:
+        from pipeline.serve.server import run_server
+    except ImportError as exc:
+        click.echo(f"embindex: serve needs the [serve] extra: pip install 'embindex[serve]' ({exc})", err=True)
+        sys.exit(EXIT_USAGE)
+    from pipeline.encoders import ModelLoadError
+
+    try:
+        run_server(config, host, port, access_log=not quiet)
+    except ConfigError as exc:
+        click.echo(f"embindex: config error: {exc}", err=True)
+        sys.exit(EXIT_USAGE)
+    except ModelLoadError as exc:
+        click.echo(f"embindex: {exc}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
 if __name__ == "__main__":
     main()

@@ -162,9 +162,11 @@ class ServeConfig(_Strict):
     max_image_pixels: int | None = Field(None, gt=0)  # None: decode.max_image_pixels
     max_queued_images: int = Field(8192, ge=1)  # beyond this many images waiting, new requests get 429
     batch_window_ms: float = Field(5.0, ge=0)  # how long a GPU batch waits for more requests' images
-    decode_threads: Any = "auto"  # threads decoding request images; auto = the usable cores
+    # Request images decode in this many processes (threads measured GIL-bound: 712 against 1,392 images/s
+    # on 16 cores); auto = the usable cores.
+    decode_workers: Any = "auto"
 
-    @field_validator("decode_threads")
+    @field_validator("decode_workers")
     @classmethod
     def _auto_or_positive(cls, value: Any) -> Any:
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
@@ -264,6 +266,8 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
         raise ConfigError("encoder.url: required when encoder.kind is 'http' (e.g. http://127.0.0.1:8000)")
     if config.encoder.kind == "http" and not config.encoder.url.startswith(("http://", "https://")):
         raise ConfigError(f"encoder.url: expected an http:// or https:// address (got {config.encoder.url!r})")
+    if config.encoder.kind == "http" and config.encoder.pyramid:
+        raise ConfigError("encoder.pyramid: not available with encoder.kind 'http' (the server embeds whole images)")
 
     base = config_path.resolve().parent
     config.config_path = str(config_path.resolve())

@@ -33,7 +33,9 @@ class Feed:
         self.gpu_decoded = 0
         self._jpegs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._rejected: queue.SimpleQueue[Item] = queue.SimpleQueue()  # back to the workers, CPU only
-        self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        # Bounded: decoded results hold shared-memory slots until the encode stage copies them, so the
+        # workers' thread must wait here rather than run out of slots.
+        self._out: queue.Queue[Any] = queue.Queue(maxsize=max(1, pool.n_slots // 2))
         self._ready = threading.BoundedSemaphore(READY_BATCHES)
         self._lock = threading.Lock()
         self._outstanding = 0  # JPEGs handed to the GPU path and not yet decoded or rejected

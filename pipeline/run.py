@@ -115,13 +115,20 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
             identity = index_identity(encoder.fingerprint(), config.encoder)
             committer = ShardCommitter(sinks, row_schema(encoder), encoder.name, config.run.shard_size,
                                        row_extras(encoder))
-            use_gpu = _gpu_decode_wanted(config, encoder)
+            remote = getattr(encoder, "remote", False)  # encoder.kind http: the endpoint decodes the files' bytes
+            use_gpu = not remote and _gpu_decode_wanted(config, encoder)
             n_workers = usable_cores() if config.decode.workers == "auto" else config.decode.workers
             if use_gpu and config.decode.workers == "auto":
                 n_workers = gpu_workers(n_workers)
             n_workers = min(n_workers, plan.pending.num_rows)
-            with DecodePool(encoder.input_spec(), n_workers, config.decode.max_image_pixels, config.decode.timeout_s,
-                            config.decode.jpeg_draft) as pool:
+            if remote:
+                from pipeline.remote import RemoteStream
+
+                stage = RemoteStream(encoder, n_workers, reuse, timer, config.decode.max_image_pixels)
+            else:
+                stage = DecodePool(encoder.input_spec(), n_workers, config.decode.max_image_pixels,
+                                   config.decode.timeout_s, config.decode.jpeg_draft)
+            with stage as pool:
                 items = _pending_items(plan.pending, reuse)
                 if use_gpu:
                     gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device)
@@ -130,7 +137,9 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                 else:
                     results = pool.imap(items)
                 bar = progress_bar(plan.pending.num_rows, sys.stderr.isatty() if progress is None else progress)
-                if is_grouped(encoder):
+                if remote:  # it yields the committer's events itself
+                    events = results
+                elif is_grouped(encoder):
                     events = embed_groups(results, encoder, config.encoder.batch_size, config.encoder.max_batch_tokens,
                                           pool.release, timer, reuse, config.encoder.pool_factor)
                 else:
