@@ -331,3 +331,41 @@ def test_colpali_matches_transformers(tiny_models: Path) -> None:
     assert all(len(vectors) == encoder.tokens_for(32, 32) for vectors in ours)
     for text, vectors in zip(QUERIES, encoder.encode_texts(QUERIES)):
         _assert_same_vectors([torch.from_numpy(vectors)], _reference_hf("colpali", folder, text=text))
+
+
+# --- Varlen attention for the vision tower -------------------------------------------------------------------
+
+def test_varlen_interface_gives_the_sdpa_vectors(tiny_models: Path) -> None:
+    """The registered interface gets each image's (or window's) bounds right: on CPU it runs its per-sequence
+    sdpa fallback, so the vectors must not move. (CUDA runs torch's varlen kernel: the GPU test below.)"""
+    from pipeline.encoders.varlen import ATTENTION_NAME, register, set_vision_attention
+
+    encoder = load_encoder(_cpu(tiny_models / "colqwen2_5"))
+    assert encoder.model.visual.config._attn_implementation == "sdpa"  # CPU keeps sdpa
+    pixels = _pipeline_pixels(encoder, PHOTOS[:4])
+    with_sdpa = encoder.encode_image_list(pixels)
+    set_vision_attention(encoder.model.visual, register())
+    assert encoder.model.visual.config._attn_implementation == ATTENTION_NAME
+    assert encoder.model.language_model.config._attn_implementation == "sdpa"  # the language model keeps sdpa
+    for ours, theirs in zip(encoder.encode_image_list(pixels), with_sdpa):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen attention runs on CUDA only")
+@pytest.mark.parametrize(("family", "kind"), [("colqwen2_5", "auto"), ("colqwen2", "auto"),
+                                              ("qwen_vl", "qwen_vl_features")])
+def test_varlen_attention_matches_sdpa_on_cuda(tiny_models: Path, family: str, kind: str) -> None:
+    """On CUDA in bfloat16 the vision tower uses torch's varlen kernel: the same vectors as sdpa."""
+    from pipeline.encoders.varlen import ATTENTION_NAME, set_vision_attention
+
+    encoder = load_encoder(EncoderConfig(model=str(tiny_models / family), kind=kind, device="cuda",
+                                         dtype="bfloat16"))
+    visual = encoder.model.vlm.visual if family == "colqwen2" else getattr(encoder.model, "visual", encoder.model)
+    assert visual.config._attn_implementation == ATTENTION_NAME
+    pixels = _pipeline_pixels(encoder, PHOTOS)
+    with_varlen = encoder.encode_image_list(pixels)
+    set_vision_attention(visual, "sdpa")
+    with_sdpa = encoder.encode_image_list(pixels)
+    for ours, theirs in zip(with_varlen, with_sdpa):
+        cosine = torch.nn.functional.cosine_similarity(ours.float(), theirs.float(), dim=-1)
+        assert cosine.min() >= 0.99, f"worst cosine {cosine.min():.4f}"  # bfloat16: both round differently

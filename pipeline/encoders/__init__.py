@@ -24,7 +24,7 @@ KIND_BY_MODEL_TYPE = {"clip": "clip", "siglip": "siglip", "dinov2": "dinov2", "c
                       "colpali": "colpali"}
 # The model_type each vision-language kind loads (a forced encoder.kind is checked against it).
 VLM_MODEL_TYPES = {"colqwen2": ("colqwen2",), "colpali": ("colpali",), "colqwen2_5": ("qwen2_5_vl",),
-                   "biqwen2_5": ("qwen2_5_vl",), "qwen_vl_features": ("qwen2_vl", "qwen2_5_vl")}
+                   "biqwen2_5": ("qwen2_5_vl",), "qwen_vl_features": ("qwen2_5_vl",)}
 
 
 class ModelLoadError(Exception):
@@ -105,10 +105,11 @@ def _qwen_vl_kind(model_config: Any, adapter: Any) -> str:
             return "colqwen2_5"
         if "BiQwen2_5" in architectures or adapter is not None:
             return "biqwen2_5"
+    features = " set encoder.kind to qwen_vl_features to store its vision features, or" \
+        if model_config.model_type == "qwen2_5_vl" else ""
     raise ConfigError(
-        f"encoder.kind: a {model_config.model_type} model {architectures} is a chat model, not a retrieval model: set "
-        "encoder.kind to qwen_vl_features to store its vision features, or point encoder.model at a ColQwen2.5 / "
-        "ColNomic / Nomic checkpoint or adapter"
+        f"encoder.kind: a {model_config.model_type} model {architectures} is a chat model, not a retrieval model:"
+        f"{features} point encoder.model at a ColQwen2.5 / ColNomic / Nomic checkpoint or adapter"
     )
 
 
@@ -179,10 +180,6 @@ class ModelSource:
 
 def describe_model(config: EncoderConfig) -> ModelSource:
     """Read config.json and the image processor (small files), not the weights."""
-    if config.kind == "http":  # a remote endpoint: nothing to read here (see encoders/http.py)
-        from pipeline.encoders.http import describe_http
-
-        return describe_http(config)  # type: ignore[return-value]
     from transformers import AutoConfig, AutoImageProcessor
     from transformers.utils import logging as hf_logging
 
@@ -261,10 +258,6 @@ def _load_vision_language(described: ModelSource) -> Encoder:
 
 def load_encoder(config: EncoderConfig, described: ModelSource | None = None) -> Encoder:
     """Load model, image processor and tokenizer with the real from_pretrained path."""
-    if config.kind == "http":  # a remote endpoint: asks it for its model and dimension
-        from pipeline.encoders.http import HttpEncoder
-
-        return HttpEncoder(config)  # type: ignore[return-value]
     import torch
     from transformers import AutoModel, AutoTokenizer
 
