@@ -180,6 +180,10 @@ class ModelSource:
 
 def describe_model(config: EncoderConfig) -> ModelSource:
     """Read config.json and the image processor (small files), not the weights."""
+    if config.kind == "http":  # a remote endpoint: nothing to read here (see encoders/http.py)
+        from pipeline.encoders.http import describe_http
+
+        return describe_http(config)  # type: ignore[return-value]
     from transformers import AutoConfig, AutoImageProcessor
     from transformers.utils import logging as hf_logging
 
@@ -258,6 +262,10 @@ def _load_vision_language(described: ModelSource) -> Encoder:
 
 def load_encoder(config: EncoderConfig, described: ModelSource | None = None) -> Encoder:
     """Load model, image processor and tokenizer with the real from_pretrained path."""
+    if config.kind == "http":  # a remote endpoint: asks it for its model and dimension
+        from pipeline.encoders.http import HttpEncoder
+
+        return HttpEncoder(config)  # type: ignore[return-value]
     import torch
     from transformers import AutoModel, AutoTokenizer
 
