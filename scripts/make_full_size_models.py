@@ -11,8 +11,18 @@ import argparse
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2Tokenizer,
+    Qwen2VLImageProcessorPil,
+)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -61,16 +71,90 @@ def write_clip(name: str, out_dir: Path) -> None:
     CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(out_dir)
 
 
+# Qwen2.5-VL-3B/7B-Instruct (config.json of the hub checkpoints), the bases of nomic-ai's ColNomic and Nomic
+# Embed Multimodal: the 3B ties its word embeddings, the 7B does not.
+QWEN2_5_VL_ARCHITECTURES = {
+    "3b": {
+        "text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36, "num_attention_heads": 16,
+                 "num_key_value_heads": 2, "vocab_size": 151936, "tie_word_embeddings": True},
+        "vision_out": 2048,
+    },
+    "7b": {
+        "text": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+                 "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False},
+        "vision_out": 3584,
+    },
+}
+# Qwen's special tokens at their real ids, so prompts tokenise to the real models' lengths around them.
+QWEN_SPECIALS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+                 "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656}
+# nomic-ai's processors: up to 768 tokens of 28x28 pixels per image (Qwen's default minimum of 4).
+NOMIC_MIN_PIXELS, NOMIC_MAX_PIXELS = 4 * 28 * 28, 768 * 28 * 28
+# name -> (Qwen2.5-VL size, colpali-engine architecture)
+RETRIEVAL_MODELS = {"colnomic-3b": ("3b", "ColQwen2_5"), "colnomic-7b": ("7b", "ColQwen2_5"),
+                    "nomic-3b": ("3b", "BiQwen2_5"), "nomic-7b": ("7b", "BiQwen2_5")}
+
+
+def byte_level_qwen_tokenizer() -> Qwen2Tokenizer:
+    vocab = {char: index for index, char in enumerate(sorted(ByteLevel.alphabet()))} | QWEN_SPECIALS
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIALS])
+    return tokenizer
+
+
+def qwen2_5_vl_config(size: str) -> Qwen2_5_VLConfig:
+    arch = QWEN2_5_VL_ARCHITECTURES[size]
+    return Qwen2_5_VLConfig(
+        text_config={**arch["text"], "max_position_embeddings": 128000, "rms_norm_eps": 1e-6,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                     "bos_token_id": QWEN_SPECIALS["<|endoftext|>"], "eos_token_id": QWEN_SPECIALS["<|im_end|>"],
+                     "pad_token_id": QWEN_SPECIALS["<|endoftext|>"]},
+        vision_config={"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                       "hidden_act": "silu", "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+                       "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2,
+                       "out_hidden_size": arch["vision_out"]},
+        image_token_id=QWEN_SPECIALS["<|image_pad|>"], video_token_id=QWEN_SPECIALS["<|video_pad|>"],
+        vision_start_token_id=QWEN_SPECIALS["<|vision_start|>"], vision_end_token_id=QWEN_SPECIALS["<|vision_end|>"],
+        tie_word_embeddings=arch["text"]["tie_word_embeddings"],
+    )
+
+
+def write_retrieval_model(name: str, out_dir: Path, device: str) -> None:
+    """A merged ColQwen2.5 (ColNomic) or BiQwen2.5 (Nomic) checkpoint, bfloat16, random weights, loadable by
+    `encoder.model: out_dir` (its kind is detected from `architectures`)."""
+    from pipeline.encoders.colqwen2_5 import BiQwen2_5Model, ColQwen2_5Model
+
+    size, architecture = RETRIEVAL_MODELS[name]
+    config = qwen2_5_vl_config(size)
+    model_class = ColQwen2_5Model if architecture == "ColQwen2_5" else BiQwen2_5Model
+    with torch.device(device):  # initialising 4-8 billion weights takes minutes on a CPU, seconds on a GPU
+        model = model_class._from_config(config, dtype=torch.bfloat16)
+    model.config.architectures = [architecture]
+    model.config.embindex_smoke_test = True  # random weights: runs are labelled, vectors mean nothing
+    model.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=NOMIC_MIN_PIXELS, max_pixels=NOMIC_MAX_PIXELS, patch_size=14,
+                             temporal_patch_size=2, merge_size=2, resample=3, image_mean=CLIP_MEAN,
+                             image_std=CLIP_STD).save_pretrained(out_dir)
+    byte_level_qwen_tokenizer().save_pretrained(out_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out_dir", type=Path)
-    parser.add_argument("--models", default=",".join(CLIP_ARCHITECTURES), help="comma-separated names")
+    parser.add_argument("--models", default=",".join(CLIP_ARCHITECTURES),
+                        help=f"comma-separated names: {', '.join([*CLIP_ARCHITECTURES, *RETRIEVAL_MODELS])}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the random weights are initialised (Qwen2.5-VL models)")
     args = parser.parse_args()
     for name in args.models.split(","):
         torch.manual_seed(0)
         folder = args.out_dir / name
         folder.mkdir(parents=True, exist_ok=True)
-        write_clip(name, folder)
+        if name in RETRIEVAL_MODELS:
+            write_retrieval_model(name, folder, args.device)
+        else:
+            write_clip(name, folder)
         print(f"{name}: wrote {folder}")
 
 
