@@ -26,7 +26,7 @@ import yaml
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_report_check import build_corpus  # noqa: E402 - a sibling script
+from gpu_report_check import build_corpus, distinct  # noqa: E402 - a sibling script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,10 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 def _upscale(job: tuple[str, str, int]) -> None:
     source, target, copy = job
     image = Image.open(source).convert("RGB").resize((4000, 3000), Image.Resampling.BILINEAR)
-    if copy % 2:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    image, quality = distinct(image, copy)
     buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=88 + copy % 8)
+    image.save(buffer, "JPEG", quality=quality)
     Path(target).write_bytes(buffer.getvalue())
 
 
@@ -106,7 +105,8 @@ def embindex(model_dir: str, corpus: Path, work: Path, batch_size: int, name: st
     if done.returncode != 0:
         raise SystemExit(f"embindex failed: {done.stderr[-3000:]}")
     report = json.loads(sorted((work / f"{name}-runs").glob("*/report.json"))[-1].read_text())
-    keys = ("images_embedded", "images_per_s", "embed_s", "processing_s", "model_load_s", "images_gpu_decoded",
+    keys = ("images_embedded", "images_encoded", "images_reused", "images_per_s", "embed_s", "processing_s",
+            "model_load_s", "images_gpu_decoded",
             "gpu_busy_pct", "decode_wait_s", "stage_s", "peak_vram_nvml_mb", "decode_workers")
     return {**{k: report[k] for k in keys}, "outside_s": outside_s}
 
