@@ -3,10 +3,12 @@ built from the published recipes on the same tiny weights, plus adapter loading,
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
@@ -103,6 +105,7 @@ def _reference_weights(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
     return state, base
 
 
+@functools.lru_cache(maxsize=4)
 def _reference_model(folder: Path, with_projection: bool) -> Qwen2_5_VLModel:
     state, config_folder = _reference_weights(folder)
     from transformers import AutoConfig
@@ -296,12 +299,17 @@ def test_identity_before_loading_is_the_fingerprint(tiny_models: Path, family: s
 
 # --- transformers' ColQwen2 and ColPali, with their own processors -----------------------------------------
 
-def _reference_hf(family: str, folder: Path, paths: list[Path] | None = None, text: str | None = None) -> list:
-    """transformers' documented path: processor(images=...) or processor(text=...), then model(**batch)."""
+@functools.lru_cache(maxsize=2)
+def _hf_model_and_processor(family: str, folder: Path) -> tuple:
     from transformers import AutoProcessor, ColPaliForRetrieval, ColQwen2ForRetrieval
 
     model = (ColQwen2ForRetrieval if family == "colqwen2" else ColPaliForRetrieval).from_pretrained(folder).eval()
-    processor = AutoProcessor.from_pretrained(folder)
+    return model, AutoProcessor.from_pretrained(folder)
+
+
+def _reference_hf(family: str, folder: Path, paths: list[Path] | None = None, text: str | None = None) -> list:
+    """transformers' documented path: processor(images=...) or processor(text=...), then model(**batch)."""
+    model, processor = _hf_model_and_processor(family, folder)
     batch = processor(images=[_pil(p) for p in paths]) if paths is not None else processor(text=[text])
     with torch.inference_mode():
         embeddings = model(**batch).embeddings
@@ -369,3 +377,45 @@ def test_varlen_attention_matches_sdpa_on_cuda(tiny_models: Path, family: str, k
     for ours, theirs in zip(with_varlen, with_sdpa):
         cosine = torch.nn.functional.cosine_similarity(ours.float(), theirs.float(), dim=-1)
         assert cosine.min() >= 0.99, f"worst cosine {cosine.min():.4f}"  # bfloat16: both round differently
+
+
+# --- Through the pipeline: embindex run, then query ----------------------------------------------------------
+
+# colqwen2 stores rows exactly as colqwen2_5 does; colpali is the fixed-size multi-vector case.
+@pytest.mark.parametrize("family", ["colqwen2_5_adapter", "biqwen2_5", "colpali"])
+def test_indexed_rows_and_query_by_image(tmp_path: Path, tiny_models: Path, family: str) -> None:
+    """`embindex run` stores each image's real token rows (float16, unit length) or its one vector; an image,
+    encoded again at query time, finds its own row first (MaxSim for multi-vector rows)."""
+    import lancedb
+
+    from pipeline.config import load_config
+    from pipeline.query import Index
+    from pipeline.run import run_index
+    from tests.conftest import write_config
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in PHOTOS:
+        shutil.copy(path, photos / path.name)
+    config_path = write_config(tmp_path, str(photos), str(tiny_models / family),
+                               output={"parquet": None}, encoder={"device": "cpu"})
+    assert run_index(load_config(config_path), progress=False).exit_code == 0
+    table = lancedb.connect(str(tmp_path / "index")).open_table("images").to_arrow()
+    assert table.num_rows == len(PHOTOS)
+    encoder = load_encoder(_cpu(tiny_models / family))
+    spec = encoder.input_spec()
+    for row in table.to_pylist():
+        vectors = np.asarray(row["embedding"], dtype=np.float32)
+        if encoder.multivector:
+            pixels = decode_file(str(photos / row["path"]), spec, 10**8).pixels
+            assert vectors.shape == (encoder.tokens_for(*pixels.shape[:2]), 128)
+        else:
+            assert vectors.shape == (encoder.dim,)
+        assert np.isfinite(vectors).all()
+        assert np.allclose(np.linalg.norm(np.atleast_2d(vectors), axis=-1), 1.0, atol=2e-3)  # float16 rows
+    index = Index.open(config_path)
+    for path in PHOTOS[:3]:
+        vector = index.image_vector(_pil(path))  # a PIL image: encoded again, not read back from the table
+        hits = index.search_vector(vector, k=3)
+        assert hits["path"][0].as_py() == path.name
+    assert index.search_text("a photo of a dog", k=3).num_rows == 3
