@@ -208,9 +208,10 @@ def describe_model(config: EncoderConfig) -> ModelSource:
         raise _load_error(source, exc) from None
     kind = detect_kind(model_config, config.kind, adapter)
     processor_source = source if adapter is None or adapter.has_file("preprocessor_config.json") else adapter.base
+    own = processor_source == source
     try:
-        processor = AutoImageProcessor.from_pretrained(processor_source, revision=revision if processor_source == source
-                                                       else None, local_files_only=offline and weights_offline)
+        processor = AutoImageProcessor.from_pretrained(processor_source, revision=revision if own else None,
+                                                       local_files_only=offline if own else weights_offline)
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc) from None
     from pipeline.encoders.multivector import vlm_input_spec
