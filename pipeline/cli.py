@@ -43,11 +43,17 @@ def main() -> None:
 @click.option("--retry-errors", is_flag=True, help="Try files recorded in images_errors again, even if unchanged.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar, no summary line; warnings and errors only.")
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
+@click.option("--runner", type=click.Choice(["local", "ray"]), help="Override run.runner.")
+@click.option("--address", help="Ray cluster to join (auto, HOST:PORT, ray://HOST:PORT); implies --runner ray.")
 def run(config_path: str, overrides: tuple[str, ...], rebuild: bool, retry_errors: bool, quiet: bool,
-        verbose: bool) -> None:
+        verbose: bool, runner: str | None, address: str | None) -> None:
     """Index the folder(s) in CONFIG; resumes and updates incrementally."""
     _setup_logging(quiet, verbose)
     config = _load(config_path, overrides)
+    if address is not None:
+        config.run.ray.address = address
+    if runner is not None or address is not None:
+        config.run.runner = runner or "ray"
     from pipeline.encoders import ModelLoadError
     from pipeline.lock import LockHeld
     from pipeline.run import run_index

@@ -143,10 +143,32 @@ class SearchConfig(_Strict):
     ef: int = Field(100, ge=1)  # HNSW search breadth
 
 
+class RayConfig(_Strict):
+    """`run.runner: ray`: decode tasks and embed actors on a Ray cluster; the driver plans and commits."""
+
+    address: str | None = None  # None: start Ray on this machine; auto, HOST:PORT or ray://HOST:PORT: join one
+    num_gpu_actors: Any = "auto"  # embed actors; auto = the cluster's GPUs / gpus_per_actor
+    gpus_per_actor: float = Field(1.0, ge=0)  # 0: actors encode on CPUs (CPU-only clusters, tests)
+    actor_cpus: float = Field(1.0, gt=0)  # CPUs reserved per embed actor
+    decode_cpus: float = Field(1.0, gt=0)  # per decode task (one file at a time)
+    decode_files: int = Field(64, ge=1)  # files per decode task
+    num_cpus: int | None = Field(None, ge=1)  # a Ray started here: CPUs it may use (default all)
+    object_store_mb: int | None = Field(None, ge=64)  # a Ray started here: its object store
+
+    @field_validator("num_gpu_actors")
+    @classmethod
+    def _auto_or_positive(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError("must be 'auto' or a whole number >= 1")
+
+
 class RunConfig(_Strict):
     report_dir: str = "./runs"
     max_error_rate: float = Field(0.05, ge=0, le=1)
     shard_size: int = Field(1024, ge=1)  # files per commit: a kill loses at most the shards in flight
+    runner: Literal["local", "ray"] = "local"  # ray: needs `pip install 'embindex[ray]'`
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 class ServeConfig(_Strict):

@@ -78,6 +78,11 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
     run_id = started_at.strftime("%Y%m%dT%H%M%S_%fZ")
     wall_started = time.perf_counter()
     described = describe_model(config.encoder) if encoder is None else None
+    on_ray = config.run.runner == "ray" and encoder is None  # `embindex bench` hands in a local encoder
+    if on_ray:  # the model runs in Ray's actors: fingerprint it as they will load it
+        from pipeline.ray_runner import actor_model_source
+
+        described = actor_model_source(config, described)
     describe_s = time.perf_counter() - wall_started  # imports and config files: part of loading the model
     identity = index_identity(encoder.fingerprint() if encoder is not None else described.identity(), config.encoder)
     must_rebuild = check_identity(config, identity, rebuild)
@@ -106,8 +111,15 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                  plan.n_changed, plan.n_deleted, plan.n_unchanged)
 
         timer, model_load_s, n_workers, embed_s = EncodeTimer(), describe_s, 0, 0.0
-        committer = None
-        if plan.pending.num_rows:
+        committer = ray_run = None
+        if plan.pending.num_rows and on_ray:  # decode tasks and embed actors on a Ray cluster
+            from pipeline.ray_runner import embed_on_ray
+
+            ray_run = embed_on_ray(config, described, plan, reuse, sinks, progress)
+            committer, timer, embed_s = ray_run.committer, ray_run.timer, ray_run.embed_s
+            model_load_s += ray_run.model_load_s
+            identity = {**identity, **ray_run.identity}
+        elif plan.pending.num_rows:
             load_started = time.perf_counter()
             encoder = wrap_encoder(encoder or load_encoder(config.encoder, described), config.encoder)
             model_load_s += time.perf_counter() - load_started
@@ -206,6 +218,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "storage_bytes": sum(sink.storage_bytes() for sink in sinks),
         "sinks": [sink.name for sink in sinks],
         "index_maintenance": maintenance,
+        **(ray_run.report if ray_run is not None else {}),
     }
     folder = write_report(config.run.report_dir, report)
     too_many = report["error_rate"] > config.run.max_error_rate

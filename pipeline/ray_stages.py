@@ -1,0 +1,143 @@
+"""The Ray runner's worker stages: decode tasks on CPUs and the embed actor (one GPU each)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.decode import DecodeError, InputSpec, content_hash, decode_file, read_file
+from pipeline.workers import _inject_fault  # the same EMBINDEX_FAULT test hook as the local decode pool
+
+META_COLUMNS = ("root", "path", "size_bytes", "mtime_ns", "attempts", "was_in")
+
+
+def node_label() -> str:
+    """IP plus a short node id: two Ray nodes may share a machine (and so an IP)."""
+    import ray
+
+    return f"{ray.util.get_node_ip_address()}#{ray.get_runtime_context().get_node_id()[:6]}"
+
+
+@contextmanager
+def _deadline(timeout_s: float) -> Iterator[None]:
+    """Raise DecodeError once a file has taken longer than timeout_s (the local pool kills such a worker).
+    SIGALRM interrupts Python code and PIL between its decode calls; Ray runs tasks on the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise DecodeError(f"timeout: decoding took longer than {timeout_s:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def decode_block(block: pa.Table, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool,
+                 timeout_s: float) -> dict[str, np.ndarray]:
+    """A block of the plan -> the same columns plus pixels (uint8, N x H x W x 3; zeros where there are
+    none), width, height, content_hash, the readable error of a bad file, and `reused` for bytes whose
+    vector the driver already holds (hashed, not decoded)."""
+    height, width, _ = spec.output_shape
+    rows = block.to_pylist()
+    n = len(rows)
+    pixels = np.zeros((n, height, width, 3), np.uint8)
+    widths, heights = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    decode_s = np.zeros(n, np.float64)
+    # "" stands for none: Ray turns an object column holding only None into floats.
+    hashes, errors = [""] * n, [""] * n
+    reused = np.zeros(n, np.bool_)
+    for index, row in enumerate(rows):
+        path = os.path.join(row["root"], *row["path"].split("/"))
+        started = time.perf_counter()
+        try:
+            with _deadline(timeout_s):
+                _inject_fault(path)
+                data = read_file(path)
+                hashes[index] = digest = content_hash(data)
+                if row["known_hashes"] and digest in row["known_hashes"]:
+                    reused[index] = True
+                    continue
+                decoded = decode_file(path, spec, max_image_pixels, jpeg_draft, data=data, digest=digest)
+            pixels[index] = decoded.pixels
+            widths[index], heights[index] = decoded.width, decoded.height
+        except DecodeError as exc:
+            errors[index] = str(exc)
+        finally:
+            decode_s[index] = time.perf_counter() - started
+    columns = {name: block[name].to_numpy(zero_copy_only=False) for name in META_COLUMNS}
+    columns["was_in"] = np.array([value or "" for value in columns["was_in"]], dtype=object)
+    return {**columns, "pixels": pixels, "width": widths, "height": heights,
+            "content_hash": np.array(hashes, dtype=object), "error": np.array(errors, dtype=object),
+            "reused": reused, "decode_s": decode_s, "decode_node": np.array([node_label()] * n, dtype=object)}
+
+
+class EmbedActor:
+    """Holds one encoder (on the actor's GPU, or the CPU) and embeds the decoded rows of each batch."""
+
+    def __init__(self, encoder_config: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        import ray
+        import torch
+
+        from pipeline.config import EncoderConfig
+        from pipeline.encoders import load_encoder
+
+        self.encoder = load_encoder(EncoderConfig(**encoder_config))
+        self.cuda = self.encoder.device.type == "cuda"
+        gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        self.label = f"{node_label()}/gpu{','.join(gpus)}" if gpus else f"{node_label()}/cpu-{os.getpid()}"
+        self.gpu_name = torch.cuda.get_device_name(self.encoder.device) if self.cuda else ""
+        height, width, _ = self.encoder.input_spec().output_shape
+        # Batches are copied into pinned memory, so the host-to-device copy runs without a staging copy.
+        self._pinned = torch.empty((0, height, width, 3), dtype=torch.uint8)
+        self.load_s = time.perf_counter() - started
+
+    def _staged(self, pixels: np.ndarray) -> Any:
+        import torch
+
+        if not self.cuda:
+            return torch.from_numpy(np.ascontiguousarray(pixels))
+        if self._pinned.shape[0] < len(pixels):
+            self._pinned = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        staged = self._pinned[:len(pixels)]
+        staged.numpy()[:] = pixels  # a plain memcpy: torch's copy_ would wake its CPU thread pool
+        return staged
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        todo = np.flatnonzero((batch["error"] == "") & ~batch["reused"])
+        n = len(batch["path"])
+        started = time.perf_counter()
+        vectors = np.zeros((n, self.encoder.dim), np.float32)
+        if len(todo):
+            encoded = self.encoder.encode_images(self._staged(batch["pixels"][todo]))
+            vectors[todo] = encoded.to("cpu", torch.float32).numpy()
+        encode_s = time.perf_counter() - started
+        out = {name: value for name, value in batch.items() if name != "pixels"}
+        encoded_mask = np.zeros(n, np.bool_)
+        encoded_mask[todo] = True
+        mb = 1024 * 1024
+        allocated = torch.cuda.max_memory_allocated(self.encoder.device) / mb if self.cuda else 0.0
+        reserved = torch.cuda.max_memory_reserved(self.encoder.device) / mb if self.cuda else 0.0
+        # Per-actor figures ride along as columns (the batch's share per row): the driver adds them up.
+        return {**out, "embedding": vectors, "encoded": encoded_mask,
+                "worker": np.array([self.label] * n, dtype=object),
+                "encode_s": np.full(n, encode_s / n if n else 0.0),
+                "vram_allocated_mb": np.full(n, allocated), "vram_reserved_mb": np.full(n, reserved),
+                "gpu_name": np.array([self.gpu_name] * n, dtype=object), "actor_load_s": np.full(n, self.load_s),
+                "device": np.array([str(self.encoder.device)] * n, dtype=object)}
