@@ -166,8 +166,24 @@ def format_markdown(report: dict[str, Any]) -> str:
     ]
     if errors:
         lines += ["", "| Error | Files |", "|---|---|", *[f"| {k} | {v} |" for k, v in sorted(errors.items())]]
+    if report.get("ray"):
+        lines += ray_tables(report["ray"])
     lines += ["", f"Output: {report['output_rows']} rows, {report['storage_bytes'] / 1e6:.1f} MB on disk."]
     return "\n".join(lines) + "\n"
+
+
+def ray_tables(ray: dict[str, Any]) -> list[str]:
+    """Per-node and per-GPU throughput of a Ray run (images per second of the embedding phase)."""
+    lines = ["", f"Ray: {ray['nodes']} node(s), {ray['embed_actors']} embed actor(s), {ray['cpus']:g} CPUs, "
+                 f"{ray['gpus']:g} GPUs ({ray['address']})", "",
+             "| Node | Decoded | Decoded/s | Decode CPU s | Encoded | Encoded/s |", "|---|---|---|---|---|---|"]
+    lines += [f"| {node} | {n['decoded']} | {n['decoded_per_s']:.1f} | {n['decode_s']:.1f} | {n['encoded']} "
+              f"| {n['encoded_per_s']:.1f} |" for node, n in ray["per_node"].items()]
+    lines += ["", "| Actor (node/GPU) | Images | Images/s | Busy images/s | Peak VRAM (allocated) |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {actor} | {g['images']} | {g['images_per_s']:.1f} | {g['encode_images_per_s']:.1f} "
+              f"| {g['peak_vram_allocated_mb']:.0f} MB |" for actor, g in ray["per_gpu"].items()]
+    return lines
 
 
 def write_report(report_dir: str, report: dict[str, Any]) -> Path:

@@ -120,6 +120,8 @@ def test_ray_runner_writes_the_local_runners_rows(ray_address: str, tmp_path: Pa
     nodes, gpus = report["ray"]["per_node"], report["ray"]["per_gpu"]
     assert sum(n["decoded"] for n in nodes.values()) == 425 and sum(n["encoded"] for n in nodes.values()) == 418
     assert sum(g["images"] for g in gpus.values()) == 418 and all(g["images_per_s"] > 0 for g in gpus.values())
+    markdown = (on_ray.report_dir / "report.md").read_text()
+    assert "| Node | Decoded |" in markdown and next(iter(gpus)) in markdown
 
 
 def test_a_killed_ray_worker_loses_nothing(ray_address: str, tmp_path: Path, tiny_models: Path) -> None:
