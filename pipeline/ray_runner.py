@@ -136,6 +136,16 @@ def _n_actors(ray: Any, config: Config) -> int:
     return int(gpus // settings.gpus_per_actor)
 
 
+def _actor_pool(ray: Any, n_actors: int, device: str) -> Any:
+    """A fixed pool. On a GPU each actor runs two calls at once, so copying one batch in (and Ray handing
+    it over) overlaps the other's forward pass, as the local runner's two pinned buffers do; the GPU
+    itself still runs one forward at a time. On CPUs two forwards would only share the cores."""
+    if not device.startswith("cuda"):
+        return ray.data.ActorPoolStrategy(size=n_actors)
+    return ray.data.ActorPoolStrategy(size=n_actors, max_concurrent_calls_per_actor=2,
+                                      enable_true_multi_threading=True)
+
+
 def _plan_blocks(plan: Plan, reuse: VectorReuse, rows_per_block: int) -> list[pa.Table]:
     """The pending files with the content hashes each may reuse, cut into one block per decode task."""
     known = [sorted(hashes) if (hashes := reuse.hashes_for_size(size)) else None
@@ -277,7 +287,7 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
                          num_cpus=settings.decode_cpus, memory=DECODE_MEMORY,
                          compute=ray.data.TaskPoolStrategy(size=decode_tasks))
             .map_batches(EmbedActor, batch_format="numpy", batch_size=config.encoder.batch_size,
-                         compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=settings.gpus_per_actor,
+                         compute=_actor_pool(ray, n_actors, actor_device(config)), num_gpus=settings.gpus_per_actor,
                          num_cpus=settings.actor_cpus,
                          fn_constructor_kwargs={"encoder_config": _encoder_settings(config)})
         )

@@ -101,9 +101,9 @@ class EmbedActor:
         gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         self.label = f"{node_label()}/gpu{','.join(gpus)}" if gpus else f"{node_label()}/cpu-{os.getpid()}"
         self.gpu_name = torch.cuda.get_device_name(self.encoder.device) if self.cuda else ""
-        height, width, _ = self.encoder.input_spec().output_shape
-        # Batches are copied into pinned memory, so the host-to-device copy runs without a staging copy.
-        self._pinned = torch.empty((0, height, width, 3), dtype=torch.uint8)
+        # On a GPU two calls run at once (see ray_runner): one copies its batch in while the other's
+        # forward runs. Each thread copies into its own pinned buffer, so its host-to-device copy is async.
+        self._local = threading.local()
         self.load_s = time.perf_counter() - started
 
     def _staged(self, pixels: np.ndarray) -> Any:
@@ -111,9 +111,10 @@ class EmbedActor:
 
         if not self.cuda:
             return torch.from_numpy(np.ascontiguousarray(pixels))
-        if self._pinned.shape[0] < len(pixels):
-            self._pinned = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-        staged = self._pinned[:len(pixels)]
+        pinned = getattr(self._local, "pinned", None)
+        if pinned is None or pinned.shape[0] < len(pixels):
+            pinned = self._local.pinned = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        staged = pinned[:len(pixels)]
         staged.numpy()[:] = pixels  # a plain memcpy: torch's copy_ would wake its CPU thread pool
         return staged
 

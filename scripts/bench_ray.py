@@ -1,0 +1,157 @@
+"""Issue 8, item 3: the Ray runner on 1 and 2 GPUs against the local runner, over the same corpus.
+
+On a 2-GPU machine, from the repository root (Ray from carried wheels: scripts/pack_ray_wheels.sh):
+
+    python3 scripts/bench_ray.py --synth 40000 --work /tmp/bench-ray --out "$OUT"
+
+Builds full-size random-init CLIP ViT-L/14 (make_full_size_models.py) and a corpus (--synth N photo-like
+JPEGs of ImageNet size, or --images DIR --copies K distinct re-encodes of real photos), then runs
+`embindex run` three times into fresh Parquet datasets: the local runner, the Ray runner with one GPU
+actor, and with two. Each run must write exactly one row per file. Writes bench_ray.json and
+bench_ray.md (the table and the two ratios the issue asks for: Ray 2 GPUs / Ray 1 GPU >= 1.8,
+Ray 1 GPU / local >= 0.9) to --out. `--device cpu --model tiny-models/clip` runs the same steps on a
+CPU machine (CPU actors; the ratios then mean nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+KEYS = ("images_embedded", "images_per_s", "embed_s", "wall_s", "model_load_s", "decode_workers", "stage_s",
+        "decode_wait_s", "peak_vram_allocated_mb", "gpu_name", "device")
+
+
+def build_corpus(args: argparse.Namespace, folder: Path) -> int:
+    if folder.exists() and any(folder.iterdir()):
+        return sum(1 for p in folder.rglob("*") if p.is_file())
+    if args.images:
+        from gpu_report_check import build_corpus as copies_of
+
+        return copies_of(args.images, args.copies, folder)
+    from pipeline.synth import SynthSpec, write_corpus
+
+    # ImageNet-like sizes (the shared photos are mostly ~500x375).
+    return write_corpus(folder, SynthSpec(args.synth, 500, 60, 375, 45, "jpeg", seed=8))
+
+
+def model_folder(args: argparse.Namespace) -> str:
+    if args.model:
+        return str(Path(args.model).resolve())
+    models = args.work / "models"
+    if not (models / "clip-vit-l14" / "config.json").exists():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_full_size_models.py"), str(models),
+                        "--models", "clip-vit-l14"], check=True, capture_output=True)
+    return str(models / "clip-vit-l14")
+
+
+def run_config(args: argparse.Namespace, name: str, corpus: Path, model: str, actors: int | None) -> Path:
+    cuda = args.device == "cuda"
+    config = {
+        "input": {"root": str(corpus)},
+        "encoder": {"model": model, "device": args.device, "dtype": "bfloat16" if cuda else "float32",
+                    "batch_size": args.batch_size},
+        "output": {"lancedb": None, "parquet": {"dir": str(args.work / f"{name}-embeddings")}},
+        "run": {"report_dir": str(args.work / f"{name}-runs"), "shard_size": 8192},
+    }
+    if actors is not None:
+        config["run"].update(runner="ray", ray={
+            "num_gpu_actors": actors, "gpus_per_actor": 1 if cuda else 0, "actor_cpus": 1 if cuda else 0.5,
+            "decode_cpus": 1 if cuda else 0.5, "object_store_mb": args.object_store_mb})
+    path = args.work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def embindex_run(args: argparse.Namespace, name: str, config: Path, files: int) -> dict:
+    import pyarrow.dataset as ds
+
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--quiet"], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    outside_s = time.perf_counter() - started
+    (args.out / f"{name}.log").write_text(done.stderr[-20000:])
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: embindex exited {done.returncode}: {done.stderr[-3000:]}")
+    report = json.loads(sorted((args.work / f"{name}-runs").glob("*/report.json"))[-1].read_text())
+    keys = ds.dataset(str(args.work / f"{name}-embeddings" / "images"), format="parquet").to_table(
+        columns=["root", "path"])
+    distinct = len(set(zip(keys["root"].to_pylist(), keys["path"].to_pylist())))
+    result = {**{k: report.get(k) for k in KEYS}, "outside_s": outside_s, "rows": keys.num_rows,
+              "exactly_once": keys.num_rows == distinct == files}
+    if "ray" in report:
+        result["ray"] = {k: report["ray"][k] for k in ("nodes", "embed_actors", "cpus", "gpus", "first_result_s",
+                                                       "actor_load_s", "total_s", "per_node", "per_gpu")}
+    print(name, json.dumps({k: result[k] for k in ("images_per_s", "embed_s", "wall_s", "rows", "exactly_once")}),
+          flush=True)
+    return result
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"{summary['files']} files, {summary['model']}, batch {summary['batch_size']}, "
+             f"{summary.get('gpu_name') or summary['device']}", "",
+             "| Run | Images/s | Embed s | Wall s | Rows | Exactly once | Per-actor images/s |",
+             "|---|---|---|---|---|---|---|"]
+    for name, run in summary["runs"].items():
+        actors = ", ".join(f"{g['images_per_s']:.0f}" for g in run.get("ray", {}).get("per_gpu", {}).values()) or "-"
+        lines.append(f"| {name} | {run['images_per_s']:.1f} | {run['embed_s']:.1f} | {run['wall_s']:.1f} | "
+                     f"{run['rows']} | {run['exactly_once']} | {actors} |")
+    lines += ["", *[f"- {k}: {v:.3f}" for k, v in summary["ratios"].items()]]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--synth", type=int, help="this many synthetic photo-like JPEGs")
+    source.add_argument("--images", type=Path, help="a folder of JPEGs to copy (with --copies)")
+    parser.add_argument("--copies", type=int, default=100, help="distinct re-encodes per photo (with --images)")
+    parser.add_argument("--model", help="a model folder instead of the full-size random-init CLIP ViT-L/14")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--object-store-mb", type=int, default=None, help="the Ray object store (default Ray's)")
+    parser.add_argument("--runs", default="local,ray-1gpu,ray-2gpu")
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a Ray started by the driver, on loopback only
+
+    model = model_folder(args)
+    corpus = args.work / "corpus"
+    files = build_corpus(args, corpus)
+    print(f"corpus: {files} files", flush=True)
+    runs = {}
+    for name in args.runs.split(","):
+        actors = None if name == "local" else int(name.split("-")[1].removesuffix("gpu"))
+        runs[name] = embindex_run(args, name, run_config(args, name, corpus, model, actors), files)
+    rate = {name: run["images_per_s"] for name, run in runs.items()}
+    ratios = {}
+    if "ray-1gpu" in rate and "ray-2gpu" in rate:
+        ratios["ray_2gpu_over_1gpu (goal >= 1.8)"] = rate["ray-2gpu"] / rate["ray-1gpu"]
+    if "ray-1gpu" in rate and "local" in rate:
+        ratios["ray_1gpu_over_local (goal >= 0.9)"] = rate["ray-1gpu"] / rate["local"]
+    summary = {"files": files, "model": model, "batch_size": args.batch_size, "device": args.device,
+               "gpu_name": next((r["gpu_name"] for r in runs.values() if r.get("gpu_name")), None),
+               "cpus": os.cpu_count(), "runs": runs, "ratios": ratios}
+    (args.out / "bench_ray.json").write_text(json.dumps(summary, indent=2, default=str))
+    (args.out / "bench_ray.md").write_text(markdown(summary))
+    print(markdown(summary))
+    if not all(run["exactly_once"] for run in runs.values()):
+        raise SystemExit("a run did not write exactly one row per file")
+
+
+if __name__ == "__main__":
+    main()
