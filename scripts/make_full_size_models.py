@@ -130,9 +130,10 @@ def write_retrieval_model(name: str, out_dir: Path, device: str) -> None:
     model_class = ColQwen2_5Model if architecture == "ColQwen2_5" else BiQwen2_5Model
     with torch.device(device):  # initialising 4-8 billion weights takes minutes on a CPU, seconds on a GPU
         model = model_class._from_config(config, dtype=torch.bfloat16)
-    model.config.architectures = [architecture]
     model.config.embindex_smoke_test = True  # random weights: runs are labelled, vectors mean nothing
     model.save_pretrained(out_dir)
+    model.config.architectures = [architecture]  # colpali-engine's class name, as its checkpoints say
+    model.config.save_pretrained(out_dir)  # (save_pretrained wrote this module's class name)
     Qwen2VLImageProcessorPil(min_pixels=NOMIC_MIN_PIXELS, max_pixels=NOMIC_MAX_PIXELS, patch_size=14,
                              temporal_patch_size=2, merge_size=2, resample=3, image_mean=CLIP_MEAN,
                              image_std=CLIP_STD).save_pretrained(out_dir)

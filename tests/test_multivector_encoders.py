@@ -61,9 +61,10 @@ def _assert_same_vectors(ours: list[torch.Tensor], reference: list[torch.Tensor]
         assert mine.shape == theirs.shape, f"image {index}: {tuple(mine.shape)} vs {tuple(theirs.shape)}"
         cosine = torch.nn.functional.cosine_similarity(mine.float(), theirs.float(), dim=-1)
         assert cosine.min() >= 0.999, f"image {index}: worst cosine {cosine.min():.5f}"
-        # fp32 on CPU is the same arithmetic up to summation order. Tiny random models barely react to
-        # some mistakes (1-D instead of 2-D image positions still gives cosine 0.9995): compare closely too.
-        assert (mine.float() - theirs.float()).abs().max() <= 1e-4, f"image {index}"
+        # fp32 on CPU is the same arithmetic up to summation order (max 2e-7 here, 2e-4 on another CPU).
+        # Tiny random models barely react to some mistakes (1-D instead of 2-D image positions still gives
+        # cosine 0.9995, elements off by ~1e-2): compare elements too.
+        assert (mine.float() - theirs.float()).abs().max() <= 1e-3, f"image {index}"
         assert torch.allclose(mine.norm(dim=-1), torch.ones(len(mine)), atol=1e-4)
 
 
