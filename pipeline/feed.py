@@ -11,6 +11,7 @@ workers for a CPU decode, which records errors with their reasons: the rows are 
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -131,19 +132,26 @@ class Feed:
     def stream(self, items: Iterator[Item]) -> Iterator[DecodeResult | GpuBatch]:
         threads = [threading.Thread(target=self._run_workers, args=(iter(items),), name="decode-feed", daemon=True),
                    threading.Thread(target=self._run_gpu, name="gpu-decode", daemon=True)]
+        # Three busy Python threads: hand the GIL over every 0.5 ms instead of 5 ms, so the GPU decode
+        # thread does not wait behind the others between its many short CUDA calls.
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.0005)
         for thread in threads:
             thread.start()
         finished = 0
-        while finished < len(threads):
-            event = self._out.get()
-            if event is _DONE:
-                finished += 1
-            elif isinstance(event, BaseException):
-                raise event
-            else:
-                if isinstance(event, GpuBatch):
-                    self._ready.release()
-                yield event
+        try:
+            while finished < len(threads):
+                event = self._out.get()
+                if event is _DONE:
+                    finished += 1
+                elif isinstance(event, BaseException):
+                    raise event
+                else:
+                    if isinstance(event, GpuBatch):
+                        self._ready.release()
+                    yield event
+        finally:
+            sys.setswitchinterval(switch_interval)
 
 
 def gpu_workers(cores: int) -> int:

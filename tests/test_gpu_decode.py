@@ -105,3 +105,13 @@ def test_large_downscale_goes_through_area_first() -> None:
     ours = resize_and_crop(torch.from_numpy(np.asarray(source).copy()).permute(2, 0, 1), spec).permute(1, 2, 0)
     assert ours.shape == (224, 224, 3)
     assert np.abs(ours.numpy().astype(int) - pil.astype(int)).mean() < 3
+
+
+def test_decode_chunks_follow_a_pixel_budget() -> None:
+    from pipeline.gpu_decode import JpegFile, pixel_chunks
+
+    large = [JpegFile(i, "", b"", "", 4000, 3000) for i in range(40)]
+    assert [len(c) for c in pixel_chunks(large, 200_000_000)] == [16, 16, 8]
+    small = [JpegFile(i, "", b"", "", 500, 375) for i in range(256)]
+    assert [len(c) for c in pixel_chunks(small, 200_000_000)] == [256]
+    assert [len(c) for c in pixel_chunks([JpegFile(0, "", b"", "", 20000, 20000)], 10)] == [1]
