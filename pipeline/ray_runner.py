@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +23,7 @@ from pipeline.embed import Embedded, EncodeTimer
 from pipeline.encoders import ModelSource
 from pipeline.encoders.base import input_spec_from_processor, resolve_dtype
 from pipeline.plan import Plan
-from pipeline.ray_stages import EmbedActor, decode_block
+from pipeline.ray_stages import KV_NAMESPACE, EmbedActor, decode_block
 from pipeline.report import progress_bar
 from pipeline.reuse import VectorReuse
 from pipeline.schema import images_schema
@@ -277,15 +279,20 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
         n_actors = _n_actors(ray, config)
         decode_tasks = None if config.decode.workers == "auto" else config.decode.workers
+        run_key = uuid.uuid4().hex  # names this run's marks of started blocks in Ray's key-value store
+        # The local runner's test hook (pipeline.workers) reaches Ray's decode workers too.
+        fault = os.environ.get("EMBINDEX_FAULT")
         started = time.perf_counter()
         first_s = None
         dataset = (
             ray.data.from_arrow(blocks)
             .map_batches(decode_block, batch_format="pyarrow", batch_size=None,
                          fn_kwargs={"spec": spec, "max_image_pixels": config.decode.max_image_pixels,
-                                    "jpeg_draft": config.decode.jpeg_draft, "timeout_s": config.decode.timeout_s},
+                                    "jpeg_draft": config.decode.jpeg_draft, "timeout_s": config.decode.timeout_s,
+                                    "run_key": run_key},
                          num_cpus=settings.decode_cpus, memory=DECODE_MEMORY,
-                         compute=ray.data.TaskPoolStrategy(size=decode_tasks))
+                         compute=ray.data.TaskPoolStrategy(size=decode_tasks),
+                         runtime_env={"env_vars": {"EMBINDEX_FAULT": fault}} if fault else None)
             .map_batches(EmbedActor, batch_format="numpy", batch_size=config.encoder.batch_size,
                          compute=_actor_pool(ray, n_actors, actor_device(config)), num_gpus=settings.gpus_per_actor,
                          num_cpus=settings.actor_cpus,
@@ -304,6 +311,9 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
             raise RuntimeError(f"the Ray job failed: {_first_line(exc)}") from None
         finally:
             bar.close()
+            from ray.experimental.internal_kv import _internal_kv_del
+
+            _internal_kv_del(run_key, del_by_prefix=True, namespace=KV_NAMESPACE)
         committer = driver.finish()
         total_s = time.perf_counter() - started
         resources = ray.cluster_resources()

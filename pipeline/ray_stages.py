@@ -17,6 +17,7 @@ from pipeline.decode import DecodeError, InputSpec, content_hash, decode_file, r
 from pipeline.workers import _inject_fault  # the same EMBINDEX_FAULT test hook as the local decode pool
 
 META_COLUMNS = ("root", "path", "size_bytes", "mtime_ns", "attempts", "was_in")
+KV_NAMESPACE = "embindex"  # Ray's key-value store: which blocks a decode task has started
 
 
 def node_label() -> str:
@@ -46,20 +47,30 @@ def _deadline(timeout_s: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-def decode_block(block: pa.Table, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool,
-                 timeout_s: float) -> dict[str, np.ndarray]:
-    """A block of the plan -> the same columns plus pixels (uint8, N x H x W x 3; zeros where there are
-    none), width, height, content_hash, the readable error of a bad file, and `reused` for bytes whose
-    vector the driver already holds (hashed, not decoded)."""
-    height, width, _ = spec.output_shape
-    rows = block.to_pylist()
-    n = len(rows)
-    pixels = np.zeros((n, height, width, 3), np.uint8)
-    widths, heights = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    decode_s = np.zeros(n, np.float64)
-    # "" stands for none: Ray turns an object column holding only None into floats.
-    hashes, errors = [""] * n, [""] * n
-    reused = np.zeros(n, np.bool_)
+def _started_before(key: str) -> bool:
+    """Marks this block as started; True if a task for it started before. Ray runs a task again only
+    when its worker died (Ray Data retries without limit), perhaps killed by a file of this block."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    return _internal_kv_put(key, b"1", overwrite=False, namespace=KV_NAMESPACE)
+
+
+class _Decoded:
+    """The per-file outputs of one block. "" stands for none: Ray turns an object column holding
+    only None into floats."""
+
+    def __init__(self, n: int, spec: InputSpec) -> None:
+        height, width, _ = spec.output_shape
+        self.pixels = np.zeros((n, height, width, 3), np.uint8)
+        self.width, self.height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        self.decode_s = np.zeros(n, np.float64)
+        self.hashes, self.errors = [""] * n, [""] * n
+        self.reused = np.zeros(n, np.bool_)
+
+
+def _decode_here(rows: list[dict[str, Any]], out: _Decoded, spec: InputSpec, max_image_pixels: int,
+                 jpeg_draft: bool, timeout_s: float) -> None:
+    """The fast path: decode in this task's own process."""
     for index, row in enumerate(rows):
         path = os.path.join(row["root"], *row["path"].split("/"))
         started = time.perf_counter()
@@ -67,22 +78,59 @@ def decode_block(block: pa.Table, spec: InputSpec, max_image_pixels: int, jpeg_d
             with _deadline(timeout_s):
                 _inject_fault(path)
                 data = read_file(path)
-                hashes[index] = digest = content_hash(data)
+                out.hashes[index] = digest = content_hash(data)
                 if row["known_hashes"] and digest in row["known_hashes"]:
-                    reused[index] = True
+                    out.reused[index] = True
                     continue
                 decoded = decode_file(path, spec, max_image_pixels, jpeg_draft, data=data, digest=digest)
-            pixels[index] = decoded.pixels
-            widths[index], heights[index] = decoded.width, decoded.height
+            out.pixels[index] = decoded.pixels
+            out.width[index], out.height[index] = decoded.width, decoded.height
         except DecodeError as exc:
-            errors[index] = str(exc)
+            out.errors[index] = str(exc)
         finally:
-            decode_s[index] = time.perf_counter() - started
+            out.decode_s[index] = time.perf_counter() - started
+
+
+def _decode_isolated(rows: list[dict[str, Any]], out: _Decoded, spec: InputSpec, max_image_pixels: int,
+                     jpeg_draft: bool, timeout_s: float) -> None:
+    """The second try of a block whose task died: the local runner's one-process decode pool, so a
+    file that kills or hangs its decoder becomes an error row with the local runner's reason."""
+    from pipeline.workers import DecodePool
+
+    items = [(index, os.path.join(row["root"], *row["path"].split("/")),
+              frozenset(row["known_hashes"]) if row["known_hashes"] else None) for index, row in enumerate(rows)]
+    with DecodePool(spec, 1, max_image_pixels, timeout_s, jpeg_draft) as pool:
+        for result in pool.imap(items):
+            index = result.key
+            out.decode_s[index] = result.decode_s
+            if result.error is not None:
+                out.errors[index] = result.error
+                continue
+            out.hashes[index] = result.content_hash
+            if result.reused:
+                out.reused[index] = True
+                continue
+            out.pixels[index] = result.pixels
+            out.width[index], out.height[index] = result.width, result.height
+            pool.release(result.slot)
+
+
+def decode_block(block: pa.Table, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool,
+                 timeout_s: float, run_key: str) -> dict[str, np.ndarray]:
+    """A block of the plan -> the same columns plus pixels (uint8, N x H x W x 3; zeros where there are
+    none), width, height, content_hash, the readable error of a bad file, and `reused` for bytes whose
+    vector the driver already holds (hashed, not decoded)."""
+    rows = block.to_pylist()
+    n = len(rows)
+    out = _Decoded(n, spec)
+    retry = n > 0 and _started_before(f"{run_key}:{rows[0]['root']}/{rows[0]['path']}")
+    (_decode_isolated if retry else _decode_here)(rows, out, spec, max_image_pixels, jpeg_draft, timeout_s)
     columns = {name: block[name].to_numpy(zero_copy_only=False) for name in META_COLUMNS}
     columns["was_in"] = np.array([value or "" for value in columns["was_in"]], dtype=object)
-    return {**columns, "pixels": pixels, "width": widths, "height": heights,
-            "content_hash": np.array(hashes, dtype=object), "error": np.array(errors, dtype=object),
-            "reused": reused, "decode_s": decode_s, "decode_node": np.array([node_label()] * n, dtype=object)}
+    return {**columns, "pixels": out.pixels, "width": out.width, "height": out.height,
+            "content_hash": np.array(out.hashes, dtype=object), "error": np.array(out.errors, dtype=object),
+            "reused": out.reused, "decode_s": out.decode_s,
+            "decode_node": np.array([node_label()] * n, dtype=object)}
 
 
 class EmbedActor:

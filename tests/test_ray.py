@@ -28,29 +28,26 @@ pytest.importorskip("ray.data")
 
 # Ray 2.60 turns on token auth for clusters it starts; a test cluster on loopback needs none.
 TEST_ENV = {"RAY_AUTH_MODE": "disabled"}
-# Every decode takes 20 ms longer (pipeline.workers' test hook, read by Ray's workers), so a kill
-# can land while most of the 400 files are still in flight.
+# pipeline.workers' test hook, which the Ray runner forwards to its decode tasks: every decode 20 ms
+# longer, so a kill lands while most of the 400 files are in flight; a decoder that dies on one file.
 SLOW = {"EMBINDEX_FAULT": "slow:0.02"}
+CRASH = {"EMBINDEX_FAULT": "crash:plain.bmp"}
 RAY_SECTION = {"gpus_per_actor": 0, "actor_cpus": 0.5, "decode_cpus": 0.5, "decode_files": 16}
 
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """One local Ray for the module (its start costs ~8 s on 2 cores); workers inherit SLOW."""
-    saved = {key: os.environ.get(key) for key in {**TEST_ENV, **SLOW}}
-    os.environ.update({**TEST_ENV, **SLOW})
-    try:
-        ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False,
-                 logging_level="WARNING")
-    finally:  # only Ray's processes keep SLOW; the local runner in this process decodes at full speed
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    """One local Ray for the module: its start costs ~8 s on 2 cores."""
+    saved = {key: os.environ.get(key) for key in TEST_ENV}
     os.environ.update(TEST_ENV)
+    ray.init(num_cpus=2, object_store_memory=200 * 1024 * 1024, include_dashboard=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _config(folder: Path, model: Path, roots: list[str], runner: str, **run: object) -> Path:
@@ -96,36 +93,42 @@ def _wait_for_rows(folder: Path, at_least: int, timeout_s: float = 120) -> int:
     raise AssertionError(f"no {at_least} committed rows within {timeout_s} s")
 
 
-def test_ray_runner_writes_the_local_runners_rows(ray_address: str, tmp_path: Path, tiny_models: Path) -> None:
+def test_ray_runner_writes_the_local_runners_rows(ray_address: str, tmp_path: Path, tiny_models: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Photos and hostile files, one of which kills its decoder: the same rows, vectors and errors."""
+    monkeypatch.setenv(*next(iter(CRASH.items())))
     roots = [str(IMAGES), str(HOSTILE)]
     local = run_index(load_config(_config(tmp_path / "local", tiny_models / "clip", roots, "local")), progress=False)
     on_ray = run_index(load_config(_config(tmp_path / "ray", tiny_models / "clip", roots, "ray")), progress=False)
 
     assert local.exit_code == on_ray.exit_code == 0
     expected, got = _images(tmp_path / "local"), _images(tmp_path / "ray")
-    assert got.schema == expected.schema and got.num_rows == expected.num_rows == 400 + 18
+    assert got.schema == expected.schema and got.num_rows == expected.num_rows == 400 + 17
     for column in ("root", "path", "size_bytes", "mtime_ns", "content_hash", "width", "height", "model"):
         assert got[column].equals(expected[column]), column
     vectors = [np.stack(t["embedding"].to_numpy(zero_copy_only=False)) for t in (expected, got)]
     assert (vectors[0] * vectors[1]).sum(axis=1).min() >= 0.9999
     errors = [LanceSink(str(tmp_path / f / "index"), "images").read("errors").sort_by("path") for f in ("local", "ray")]
-    assert errors[1]["path"].to_pylist() == sorted(HOSTILE_ERRORS)
+    assert errors[1]["path"].to_pylist() == sorted([*HOSTILE_ERRORS, "plain.bmp"])
     for column in ("path", "error", "attempts"):
         assert errors[1][column].equals(errors[0][column]), column
-    _assert_exactly_once(tmp_path / "ray", 418)
+    assert "decoder crashed (exit code 139)" in errors[1]["error"].to_pylist()
+    _assert_exactly_once(tmp_path / "ray", 417)
 
     report = on_ray.report
-    assert report["runner"] == "ray" and report["images_embedded"] == 418 and report["errors"] == local.report["errors"]
+    assert report["runner"] == "ray" and report["images_embedded"] == 417 and report["errors"] == local.report["errors"]
     assert report["fingerprint"] == local.report["fingerprint"]
     nodes, gpus = report["ray"]["per_node"], report["ray"]["per_gpu"]
-    assert sum(n["decoded"] for n in nodes.values()) == 425 and sum(n["encoded"] for n in nodes.values()) == 418
-    assert sum(g["images"] for g in gpus.values()) == 418 and all(g["images_per_s"] > 0 for g in gpus.values())
+    assert sum(n["decoded"] for n in nodes.values()) == 425 and sum(n["encoded"] for n in nodes.values()) == 417
+    assert sum(g["images"] for g in gpus.values()) == 417 and all(g["images_per_s"] > 0 for g in gpus.values())
     markdown = (on_ray.report_dir / "report.md").read_text()
     assert "| Node | Decoded |" in markdown and next(iter(gpus)) in markdown
 
 
-def test_a_killed_ray_worker_loses_nothing(ray_address: str, tmp_path: Path, tiny_models: Path) -> None:
+def test_a_killed_ray_worker_loses_nothing(ray_address: str, tmp_path: Path, tiny_models: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """SIGKILL the embed actor and a decode worker after the first shard: Ray restarts and retries them."""
+    monkeypatch.setenv(*next(iter(SLOW.items())))
     folder = tmp_path / "index-root"
     config = load_config(_config(folder, tiny_models / "clip", [str(IMAGES)], "ray"))
     killed: dict[str, int] = {}
@@ -154,7 +157,7 @@ def test_a_killed_driver_resumes_exactly_once(ray_address: str, tmp_path: Path, 
     folder = tmp_path / "index-root"
     config_path = _config(folder, tiny_models / "clip", [str(IMAGES)], "ray")
     driver = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config_path), "--quiet",
-                               "--address", ray_address], cwd=REPO, env={**os.environ, **TEST_ENV},
+                               "--address", ray_address], cwd=REPO, env={**os.environ, **TEST_ENV, **SLOW},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for_rows(folder, 1)
