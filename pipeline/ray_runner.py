@@ -277,6 +277,8 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
         context.enable_progress_bars = False  # ours counts committed files; Ray's would draw a second bar
         context.print_on_execution_start = False
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
+        if not log.isEnabledFor(logging.DEBUG):  # Ray Data's execution summaries, unless --verbose
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
         n_actors = _n_actors(ray, config)
         decode_tasks = None if config.decode.workers == "auto" else config.decode.workers
         run_key = uuid.uuid4().hex  # names this run's marks of started blocks in Ray's key-value store
