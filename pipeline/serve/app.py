@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import logging
 import time
@@ -84,13 +83,9 @@ def _count_tokens(encoder: Encoder, texts: list[str]) -> int:
 
 
 async def _embed_images(state: ServerState, request: EmbedRequest) -> dict[str, Any]:
-    async def decode(uri: str) -> Decoded | Failed:
-        started = time.perf_counter()
-        result = await state.decoders.decode(uri, request.max_image_pixels, request.pyramid)
-        state.metrics.decode_seconds.observe(time.perf_counter() - started)
-        return result
-
-    results = await asyncio.gather(*(decode(uri) for uri in request.items))
+    started = time.perf_counter()
+    results = await state.decoders.decode(request.items, request.max_image_pixels, request.pyramid)
+    state.metrics.decode_seconds.observe(time.perf_counter() - started)
     for index, result in enumerate(results):
         if isinstance(result, Failed):
             raise ApiError(result.status, f"input[{index}]: {result.reason}", result.code, f"input[{index}]",

@@ -34,6 +34,8 @@ from pipeline.pyramid import Tile, pyramid_tiles, tile_pixels
 
 log = logging.getLogger(__name__)
 
+TASK_IMAGES = 4  # images per task sent to a decode process
+
 
 @dataclass
 class Decoded:
@@ -103,6 +105,12 @@ def decode_input(uri: str, max_image_pixels: int, grids: list[tuple[int, int]] |
         return Failed(422, code, reason)
 
 
+def decode_inputs(uris: list[str], max_image_pixels: int,
+                  grids: list[tuple[int, int]] | None) -> list[Decoded | Failed]:
+    """A task of several data URIs (fewer round trips to the server process)."""
+    return [decode_input(uri, max_image_pixels, grids) for uri in uris]
+
+
 class DecodeWorkers:
     """A process pool for request images; a pool broken by a crashing decoder is replaced."""
 
@@ -126,19 +134,39 @@ class DecodeWorkers:
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._pool = self._start()
 
-    async def decode(self, uri: str, max_image_pixels: int, grids: list[tuple[int, int]] | None) -> Decoded | Failed:
-        # A crash breaks every task in flight: each is tried once more on the new pool, so only an image that
-        # crashes the decoder twice is refused.
-        for _ in range(2):
-            pool = self._pool
+    async def _run(self, uris: list[str], max_image_pixels: int,
+                   grids: list[tuple[int, int]] | None) -> list[Decoded | Failed]:
+        pool = self._pool
+        try:
+            future = pool.submit(decode_inputs, uris, max_image_pixels, grids)
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s * len(uris))
+        except BrokenProcessPool:
+            await asyncio.to_thread(self._replace, pool)
+            raise
+        except asyncio.TimeoutError:
+            return [Failed(422, "timeout", f"timeout: decoding took longer than {self.timeout_s:g} s")] * len(uris)
+
+    async def decode(self, uris: list[str], max_image_pixels: int,
+                     grids: list[tuple[int, int]] | None) -> list[Decoded | Failed]:
+        """Every image of a request, in tasks of up to TASK_IMAGES (one task per image cost the server's one
+        GIL a handover per image and per thread: 4 cut that by 4). A crash breaks every task in flight: each
+        of its images is then tried alone on the new pool, so only an image that crashes it twice is refused."""
+        chunks = [uris[start:start + TASK_IMAGES] for start in range(0, len(uris), TASK_IMAGES)]
+
+        async def chunk_results(chunk: list[str]) -> list[Decoded | Failed]:
             try:
-                future = pool.submit(decode_input, uri, max_image_pixels, grids)
-                return await asyncio.wait_for(asyncio.wrap_future(future), self.timeout_s)
+                return await self._run(chunk, max_image_pixels, grids)
             except BrokenProcessPool:
-                await asyncio.to_thread(self._replace, pool)
-            except asyncio.TimeoutError:
-                return Failed(422, "timeout", f"timeout: decoding took longer than {self.timeout_s:g} s")
-        return Failed(422, "decoder_crashed", "decoder crashed")
+                pass
+            results: list[Decoded | Failed] = []
+            for uri in chunk:
+                try:
+                    results += await self._run([uri], max_image_pixels, grids)
+                except BrokenProcessPool:
+                    results.append(Failed(422, "decoder_crashed", "decoder crashed"))
+            return results
+
+        return [result for chunk in await asyncio.gather(*map(chunk_results, chunks)) for result in chunk]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -20,7 +20,7 @@ class Metrics:
         self.items = Counter("embindex_items", "Inputs embedded", ["kind"], registry=self.registry)
         self.vectors = Counter("embindex_vectors", "Vectors returned (pyramid tiles count one each)",
                                registry=self.registry)
-        self.decode_seconds = Histogram("embindex_decode_seconds", "Time to decode one request image",
+        self.decode_seconds = Histogram("embindex_decode_seconds", "Time to decode a request's images",
                                         buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram("embindex_batch_size", "Rows per encoder forward pass", ["kind"],
                                     buckets=BATCH_BUCKETS, registry=self.registry)
