@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -90,6 +91,8 @@ def model_only(model_dir: str, batch_size: int, steps: int = 30) -> float:
 
 def embindex(model_dir: str, corpus: Path, work: Path, batch_size: int, name: str, decode_device: str) -> dict:
     name = f"{name}-{decode_device}-decode"
+    for leftover in (work / f"{name}-embeddings", work / f"{name}-runs"):  # a rerun would reuse every vector
+        shutil.rmtree(leftover, ignore_errors=True)
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
         "input": {"root": str(corpus)},
