@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.ray_runner import _check_reachable
+from pipeline.ray_runner import _check_reachable, _require_ray
 from pipeline.run import run_index
 from pipeline.sinks.lance import LanceSink
 from pipeline.sinks.parquet import ParquetSink
@@ -185,13 +185,18 @@ def test_no_gpu_in_the_cluster_is_a_config_error(ray_address: str, tmp_path: Pat
         run_index(config, progress=False)
 
 
-def test_ray_options_are_checked(tmp_path: Path, tiny_models: Path) -> None:
+def test_ray_options_are_checked(tmp_path: Path, tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _config(tmp_path, tiny_models / "clip", [str(IMAGES)], "ray", ray={"num_gpu_actors": 0})
     with pytest.raises(ConfigError, match="run.ray.num_gpu_actors"):
         load_config(path)
     path = _config(tmp_path, tiny_models / "clip", [str(IMAGES)], "ray", ray={"decode_files": 16, "colour": 1})
     with pytest.raises(ConfigError, match="run.ray.colour: unknown key"):
         load_config(path)
+    # Without the extra, run.runner: ray is a config error (exit 2) naming the key and the install.
+    monkeypatch.setitem(sys.modules, "ray", None)
+    with pytest.raises(ConfigError, match=r"run.runner: 'ray' needs Ray Data: pip install 'embindex\[ray\]'"):
+        _require_ray()
+    monkeypatch.undo()
     # An address that does not answer fails at once (ray.init would retry it for many minutes); the CLI
     # turns the ConnectionError into exit 1 and one line.
     with pytest.raises(ConnectionError, match="cannot reach the Ray cluster at 127.0.0.1:1 .run.ray.address."):
