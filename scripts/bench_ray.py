@@ -77,9 +77,11 @@ def run_config(args: argparse.Namespace, name: str, corpus: Path, model: str, ac
 def embindex_run(args: argparse.Namespace, name: str, config: Path, files: int) -> dict:
     import pyarrow.dataset as ds
 
+    # The repository first, then what the caller had (carried wheels: /tmp/site); Ray's workers inherit it.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--quiet"], cwd=REPO,
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
     outside_s = time.perf_counter() - started
     (args.out / f"{name}.log").write_text(done.stderr[-20000:])
     if done.returncode != 0:
