@@ -10,6 +10,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.encoders import load_encoder
+from pipeline.layout import is_grouped, wrap_encoder
 from pipeline.run import run_index
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,22 @@ def _scratch_config(config: Config, batch_size: int, scratch: Path) -> Config:
     return trial
 
 
+def warm_up(encoder: Any) -> None:
+    """One tiny forward pass: the CUDA context and kernel selection are not any batch size's cost."""
+    import torch
+
+    spec = encoder.input_spec()
+    if is_grouped(encoder):
+        if spec.dynamic:
+            shape: tuple[int, ...] = (4 * spec.factor, 4 * spec.factor, 3)
+        else:  # fixed-size multi-vector (ColPali), or pyramid tiles stacked per image
+            shape = (encoder.n_tiles, *spec.output_shape) if spec.tiles else spec.output_shape
+        encoder.encode_image_list([torch.zeros(shape, dtype=torch.uint8)])
+    else:
+        height, width, _ = spec.output_shape
+        encoder.encode_images(torch.zeros((1, height, width, 3), dtype=torch.uint8))
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     return "out of memory" in str(exc).lower()
 
@@ -38,9 +55,8 @@ def sweep(config: Config, batch_sizes: list[int], limit: int | None, out_dir: Pa
     """One row per batch size; a batch size that runs out of memory is a row saying so."""
     import torch
 
-    encoder = load_encoder(config.encoder)  # once: every batch size measures the same weights
-    height, width, _ = encoder.input_spec().output_shape
-    encoder.encode_images(torch.zeros((1, height, width, 3), dtype=torch.uint8))  # CUDA context, kernels
+    encoder = wrap_encoder(load_encoder(config.encoder), config.encoder)  # once: every size, the same weights
+    warm_up(encoder)
     rows = []
     for batch_size in batch_sizes:
         if torch.cuda.is_available():
@@ -74,6 +90,8 @@ def sweep(config: Config, batch_sizes: list[int], limit: int | None, out_dir: Pa
             "stage_s": report["stage_s"],
             "decode_wait_s": report["decode_wait_s"],
             "gpu_busy_pct": report.get("gpu_busy_pct"),
+            "oom_halvings": report.get("oom_halvings", 0),  # grouped encoders split a batch that did not fit
+            "vectors_per_image": report.get("vectors_per_image"),
             "device": report["device"],
             "gpu_name": report["gpu_name"],
             "command": command,

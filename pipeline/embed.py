@@ -28,6 +28,7 @@ class EncodeTimer:
     decode_s: float = 0.0  # worker seconds spent decoding, summed over workers
     images: int = 0  # images given to the encoder
     vectors: int = 0  # vectors the encoder gave for them (multi-vector: tokens kept)
+    oom_halvings: int = 0  # batches split in two after the GPU ran out of memory (grouped encode stage)
     reused: int = 0  # images whose vector came from identical bytes instead
     gpu_decoded: int = 0  # images decoded by the GPU JPEG path
     batch_sizes: list[int] = field(default_factory=list)

@@ -55,7 +55,6 @@ class GroupEncoder:
 
     def __init__(self, encoder: object, timer: EncodeTimer, pool_factor: int | None) -> None:
         self.encoder, self.timer, self.pool_factor = encoder, timer, pool_factor
-        self.halvings = 0
 
     def encode(self, waiting: list[_Waiting]) -> Iterator[tuple[list[_Waiting], list[np.ndarray] | None, str | None]]:
         started = time.perf_counter()
@@ -72,7 +71,7 @@ class GroupEncoder:
                 tokens = waiting[0].tokens
                 yield waiting, None, f"out of GPU memory even alone ({tokens} tokens)"
                 return
-            self.halvings += 1
+            self.timer.oom_halvings += 1
             half = len(waiting) // 2
             log.warning("out of GPU memory on a batch of %d images: retrying as %d + %d", len(waiting), half,
                         len(waiting) - half)
