@@ -49,6 +49,9 @@ class DecodeConfig(_Strict):
     # when available. Default cpu until the GPU path measures faster end to end (docs/benchmarks.md).
     device: Literal["auto", "cpu", "cuda"] = "cpu"
     gpu_batch: int = Field(256, ge=1)  # JPEGs per nvJPEG batch
+    # JPEGs up to this size travel to the GPU decoder through shared memory (one slot per queued file);
+    # larger ones are decoded by the CPU workers (JPEG draft mode).
+    gpu_max_file_mb: int = Field(4, ge=1, le=256)
 
     @field_validator("workers")
     @classmethod

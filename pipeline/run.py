@@ -139,12 +139,13 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                 stage = RemoteStream(encoder, n_workers, reuse, timer, config.decode.max_image_pixels)
             else:
                 stage = DecodePool(encoder.input_spec(), n_workers, config.decode.max_image_pixels,
-                                   config.decode.timeout_s, config.decode.jpeg_draft)
+                                   config.decode.timeout_s, config.decode.jpeg_draft,
+                                   gpu_jpeg_bytes=config.decode.gpu_max_file_mb << 20 if use_gpu else 0)
             with stage as pool:
                 items = _pending_items(plan.pending, reuse)
                 if use_gpu:
                     gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device)
-                    feed = Feed(pool, gpu, reuse, config.decode.max_image_pixels, config.decode.gpu_batch)
+                    feed = Feed(pool, gpu, config.decode.gpu_batch)
                     results = feed.stream(items)
                 else:
                     results = pool.imap(items)
@@ -197,6 +198,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "images_encoded": timer.images,
         "images_reused": timer.reused,
         "images_gpu_decoded": timer.gpu_decoded,
+        "oom_halvings": timer.oom_halvings,
         "errors": committer.error_reasons if committer else {},
         "error_rate": failed / (written + failed) if written + failed else 0.0,
         "wall_s": wall_s,
