@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import click
+
+# Batches of many shapes (dynamic resolution, the last partial batch) fragment torch's CUDA cache:
+# growable segments keep reserved memory near what is allocated (set before torch starts CUDA).
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.exitcodes import EXIT_FAILED, EXIT_LOCKED, EXIT_USAGE

@@ -51,5 +51,5 @@ output: {lancedb: null, parquet: {dir: $work/embeddings}}
 run: {report_dir: $work/runs}
 YAML
 python3 -m pipeline.cli bench "$work/colnomic.yaml" --batch-sizes "$sizes" --limit "$count" --out "$work/bench"
-for f in bench.md bench.json; do cp "$work/bench/$f" "$out/colnomic-$sizes-$f"; done
+for f in bench.md bench.json; do cp "$work/bench/$f" "$out/colnomic-bs${sizes//,/_}-$f"; done
 cat "$work/bench/bench.md"
