@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.commit import ShardCommitter
 from pipeline.config import Config, ConfigError
+from pipeline.decode import InputSpec
 from pipeline.embed import EncodeTimer, embed_stream
 from pipeline.embed_groups import embed_groups
 from pipeline.encoders import describe_model, load_encoder
@@ -25,13 +26,15 @@ from pipeline.identity import check_identity, fingerprint_id, index_identity, wr
 from pipeline.layout import is_grouped, row_extras, row_schema, vector_sizes, wrap_encoder
 from pipeline.lock import IndexLock
 from pipeline.plan import make_plan
+from pipeline.prefetch import prefetch
 from pipeline.report import MemoryProbe, gpu_memory_peaks, progress_bar, write_report
 from pipeline.reuse import VectorReuse, load_known_rows
 from pipeline.scan import scan_table
 from pipeline.sinks import finish_run, lance_versions, open_sinks, prepare_sinks
-from pipeline.workers import DecodePool, Item, usable_cores
+from pipeline.workers import TASKS_PER_WORKER, DecodePool, Item, slot_bytes, usable_cores
 
 log = logging.getLogger(__name__)
+PREFETCH_BYTES = 512 << 20  # decoded pixels waiting for the encoder (two 256-image batches of 224 px: 77 MB)
 
 
 @dataclass
@@ -60,6 +63,12 @@ def _gpu_decode_wanted(config: Config, encoder: Encoder) -> bool:
         raise ConfigError("decode.device: 'cuda' needs the encoder on a CUDA device and torchvision's nvJPEG "
                           "(pip install torchvision); use 'auto' or 'cpu'")
     return available
+
+
+def prefetch_depth(spec: InputSpec, batch_size: int, n_workers: int) -> int:
+    """Decoded images held ahead of the encoder: two batches, within PREFETCH_BYTES of shared memory."""
+    fits = PREFETCH_BYTES // slot_bytes(spec)
+    return max(n_workers * TASKS_PER_WORKER, min(2 * batch_size, fits))
 
 
 def _remove_stale_temporaries(config: Config) -> None:
@@ -138,8 +147,11 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
 
                 stage = RemoteStream(encoder, n_workers, reuse, timer, config.decode.max_image_pixels)
             else:
+                # Without the GPU feed, decoded images queue ahead of the encoder (prefetch): their slots too.
+                depth = 0 if use_gpu else prefetch_depth(encoder.input_spec(), config.encoder.batch_size, n_workers)
                 stage = DecodePool(encoder.input_spec(), n_workers, config.decode.max_image_pixels,
                                    config.decode.timeout_s, config.decode.jpeg_draft,
+                                   n_slots=n_workers * TASKS_PER_WORKER + depth if depth else None,
                                    gpu_jpeg_bytes=config.decode.gpu_max_file_mb << 20 if use_gpu else 0)
             with stage as pool:
                 items = _pending_items(plan.pending, reuse)
@@ -147,8 +159,10 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                     gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device)
                     feed = Feed(pool, gpu, config.decode.gpu_batch)
                     results = feed.stream(items)
-                else:
+                elif remote:
                     results = pool.imap(items)
+                else:
+                    results = prefetch(pool.imap(items), depth)
                 bar = progress_bar(plan.pending.num_rows, sys.stderr.isatty() if progress is None else progress)
                 if remote:  # it yields the committer's events itself
                     events = results
