@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import multiprocessing as mp
 import threading
@@ -17,20 +18,9 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ImageOps
 
-from pipeline.decode import (
-    DRAFT_MIN_PIXELS,
-    DRAFT_OVERSAMPLE,
-    ORIENTATION_TAG,
-    DecodeError,
-    InputSpec,
-    _load,
-    _open,
-    _to_rgb,
-    decode_file,
-)
-from pipeline.pyramid import Tile, pyramid_tiles, tile_pixels
+from pipeline.decode import DecodeError, InputSpec, decode_file
+from pipeline.pyramid import Tile, pyramid_tiles
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +55,6 @@ def _ping() -> None:
     """A no-op task: makes the pool start its processes before the first request."""
 
 
-def _decode_tiles(data: bytes, spec: InputSpec, max_image_pixels: int, grids: list[tuple[int, int]],
-                  jpeg_draft: bool) -> Decoded:
-    image = _open(data, max_image_pixels)
-    orientation = image.getexif().get(ORIENTATION_TAG, 1) if image.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
-    width, height = (image.height, image.width) if orientation in (5, 6, 7, 8) else image.size
-    if jpeg_draft and image.format == "JPEG" and image.width * image.height >= DRAFT_MIN_PIXELS:
-        finest = max(max(grid) for grid in grids)  # the finest cells still get twice the model's size
-        want = DRAFT_OVERSAMPLE * max(spec.size) * finest
-        image.draft(None, (want, want))
-    _load(image)
-    if orientation != 1:
-        image = ImageOps.exif_transpose(image)
-    tiles = pyramid_tiles(width, height, grids)
-    return Decoded(tile_pixels(_to_rgb(image), tiles, spec, width), width, height, tiles)
-
-
 def decode_input(uri: str, max_image_pixels: int, grids: list[tuple[int, int]] | None) -> Decoded | Failed:
     """One data URI -> pixels, or why not (runs in a worker process; never raises for bad input)."""
     spec = _SPEC
@@ -90,13 +64,11 @@ def decode_input(uri: str, max_image_pixels: int, grids: list[tuple[int, int]] |
     except (binascii.Error, ValueError) as exc:
         return Failed(400, "invalid_base64", f"invalid base64: {exc}")
     try:
-        if grids:
-            try:
-                return _decode_tiles(data, spec, max_image_pixels, grids, _JPEG_DRAFT)
-            except DecodeError:
-                raise
-            except Exception as exc:  # PIL raises many types on hostile input
-                raise DecodeError(f"decode error: {type(exc).__name__}: {exc}") from None
+        if grids:  # the batch pipeline's own pyramid path (encoder.pyramid): the same tiles, the same pixels
+            tiled = dataclasses.replace(spec, tiles=tuple(grids))
+            decoded = decode_file("<request>", tiled, max_image_pixels, _JPEG_DRAFT, data=data)
+            tiles = pyramid_tiles(decoded.width, decoded.height, grids)
+            return Decoded(decoded.pixels, decoded.width, decoded.height, tiles)
         decoded = decode_file("<request>", spec, max_image_pixels, _JPEG_DRAFT, data=data)
         return Decoded(decoded.pixels[None], decoded.width, decoded.height, None)
     except DecodeError as exc:
