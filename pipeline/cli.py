@@ -6,7 +6,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -15,9 +18,31 @@ import click
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from pipeline.config import Config, ConfigError, load_config
+from pipeline.errors import ModelLoadError
 from pipeline.exitcodes import EXIT_FAILED, EXIT_LOCKED, EXIT_USAGE
 
 log = logging.getLogger("embindex")
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"embindex: {message}", err=True)
+    sys.exit(code)
+
+
+@contextmanager
+def _exit_codes(config_prefix: str = "config error: ") -> Iterator[None]:
+    """The failures every command can meet: one line on stderr and the SPEC's exit code (2 bad config,
+    3 index locked, 1 model not loadable). Anything else is a bug and keeps its traceback."""
+    from pipeline.lock import LockHeld
+
+    try:
+        yield
+    except ConfigError as exc:
+        _fail(f"{config_prefix}{exc}", EXIT_USAGE)
+    except LockHeld as exc:
+        _fail(str(exc), EXIT_LOCKED)
+    except ModelLoadError as exc:
+        _fail(str(exc), EXIT_FAILED)
 
 
 def _load(config_path: str, overrides: tuple[str, ...]) -> Config:
@@ -59,21 +84,11 @@ def run(config_path: str, overrides: tuple[str, ...], rebuild: bool, retry_error
         config.run.ray.address = address
     if runner is not None or address is not None:
         config.run.runner = runner or "ray"
-    from pipeline.encoders import ModelLoadError
-    from pipeline.lock import LockHeld
     from pipeline.run import run_index
 
     try:
-        result = run_index(config, rebuild=rebuild, retry_errors=retry_errors, progress=False if quiet else None)
-    except ConfigError as exc:
-        click.echo(f"embindex: config error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except LockHeld as exc:
-        click.echo(f"embindex: {exc}", err=True)
-        sys.exit(EXIT_LOCKED)
-    except ModelLoadError as exc:
-        click.echo(f"embindex: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        with _exit_codes():
+            result = run_index(config, rebuild=rebuild, retry_errors=retry_errors, progress=False if quiet else None)
     except MemoryError:
         click.echo("embindex: out of host memory; lower decode.workers or encoder.batch_size", err=True)
         sys.exit(EXIT_FAILED)
@@ -116,21 +131,14 @@ def query(config_path: str, text: str | None, image_path: str | None, k: int, wh
         click.echo("embindex: give exactly one of --text or --image", err=True)
         sys.exit(EXIT_USAGE)
     config = _load(config_path, overrides)
-    from pipeline.encoders import ModelLoadError
     from pipeline.query import Index, QueryError
 
     try:
-        index = Index(config)
-        hits = index.search_text(text, k, where) if text is not None else index.search_image(image_path, k, where)
-    except ConfigError as exc:
-        click.echo(f"embindex: config error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
+        with _exit_codes():
+            index = Index(config)
+            hits = index.search_text(text, k, where) if text is not None else index.search_image(image_path, k, where)
     except (QueryError, NotImplementedError) as exc:
-        click.echo(f"embindex: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except ModelLoadError as exc:
-        click.echo(f"embindex: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
+        _fail(str(exc), EXIT_USAGE)
     rows = hits.to_pylist()
     if as_json:
         for row in rows:
@@ -182,14 +190,10 @@ def bench(config_path: str, batch_sizes: str, limit: int | None, out_dir: str | 
         click.echo(f"embindex: --batch-sizes: expected whole numbers >= 1 like 1,4,8 (got {batch_sizes!r})", err=True)
         sys.exit(EXIT_USAGE)
     from pipeline.bench import format_table, sweep, write_outputs
-    from pipeline.encoders import ModelLoadError
 
     folder = Path(out_dir) if out_dir else Path(config.run.report_dir) / "bench"
-    try:
+    with _exit_codes():
         rows = sweep(config, sizes, limit, folder)
-    except ModelLoadError as exc:
-        click.echo(f"embindex: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
     write_outputs(rows, config, folder)
     click.echo(format_table(rows).rstrip())
     click.echo(f"embindex: wrote {folder / 'bench.md'}, bench.json and bench.png")
@@ -228,11 +232,8 @@ def history(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None
     from pipeline.history import list_history
 
     config = _load(config_path, overrides)
-    try:
+    with _exit_codes(config_prefix=""):
         entries = list_history(config)
-    except ConfigError as exc:
-        click.echo(f"embindex: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
     if as_json:
         for entry in entries:
             click.echo(json.dumps(entry, default=str))
@@ -256,17 +257,10 @@ def _dash(value: object) -> str:
 def rollback(config_path: str, run_id: str, overrides: tuple[str, ...]) -> None:
     """Restore the index to the end of RUN_ID (see `embindex history`)."""
     from pipeline.history import rollback as restore
-    from pipeline.lock import LockHeld
 
     config = _load(config_path, overrides)
-    try:
+    with _exit_codes(config_prefix=""):
         counts = restore(config, run_id)
-    except ConfigError as exc:
-        click.echo(f"embindex: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except LockHeld as exc:
-        click.echo(f"embindex: {exc}", err=True)
-        sys.exit(EXIT_LOCKED)
     click.echo(f"embindex: restored {run_id}: {counts['images']} rows, {counts['errors']} error rows")
 
 
@@ -291,16 +285,8 @@ def serve(config_path: str, host: str | None, port: int | None, overrides: tuple
     except ImportError as exc:
         click.echo(f"embindex: serve needs the [serve] extra: pip install 'embindex[serve]' ({exc})", err=True)
         sys.exit(EXIT_USAGE)
-    from pipeline.encoders import ModelLoadError
-
-    try:
+    with _exit_codes():
         run_server(config, host, port, access_log=not quiet)
-    except ConfigError as exc:
-        click.echo(f"embindex: config error: {exc}", err=True)
-        sys.exit(EXIT_USAGE)
-    except ModelLoadError as exc:
-        click.echo(f"embindex: {exc}", err=True)
-        sys.exit(EXIT_FAILED)
 
 
 if __name__ == "__main__":

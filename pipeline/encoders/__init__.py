@@ -16,6 +16,7 @@ from pipeline.encoders.base import (
     resolve_device,
     resolve_dtype,
 )
+from pipeline.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,6 @@ KIND_BY_MODEL_TYPE = {"clip": "clip", "siglip": "siglip", "dinov2": "dinov2", "c
 # The model_type each vision-language kind loads (a forced encoder.kind is checked against it).
 VLM_MODEL_TYPES = {"colqwen2": ("colqwen2",), "colpali": ("colpali",), "colqwen2_5": ("qwen2_5_vl",),
                    "biqwen2_5": ("qwen2_5_vl",), "qwen_vl_features": ("qwen2_5_vl",)}
-
-
-class ModelLoadError(Exception):
-    """The model could not be loaded; the message says how to point at a local copy."""
 
 
 def _load_error(model: str, exc: BaseException) -> ModelLoadError:
