@@ -245,11 +245,27 @@ class DecodePool:
                     pass  # the pipe broke: the worker died mid-send; handled below
             if worker.process.sentinel in ready or not worker.process.is_alive():
                 worker.process.join(1)  # reap it, so exitcode is known
-                yield self._replace(worker, pending, f"decoder crashed (exit code {worker.process.exitcode})")
+                # Results it sent before dying may still sit in the pipe (it died after `wait` returned):
+                # take them first, or the file it finished would be blamed for the crash.
+                yield from self._drain(worker)
+                reason = f"decoder crashed (exit code {worker.process.exitcode})"
+                if worker.tasks:
+                    yield self._replace(worker, pending, reason)
+                else:  # it died idle: nothing to blame, start another
+                    log.warning("a decode worker died idle (%s); starting a new one", reason)
+                    worker.conn.close()
+                    self._workers[self._workers.index(worker)] = _Worker(self._ctx, self._args)
             elif time.monotonic() - worker.current_since > self.timeout_s:
                 worker.process.kill()
                 worker.process.join()
                 yield self._replace(worker, pending, f"timeout: decoding took longer than {self.timeout_s:g} s")
+
+    def _drain(self, worker: _Worker) -> Iterator[DecodeResult]:
+        try:
+            while worker.tasks and worker.conn.poll():
+                yield self._receive(worker)
+        except (EOFError, OSError):
+            pass  # the rest of the pipe is a message cut short by the death
 
     def _receive(self, worker: _Worker) -> DecodeResult:
         task_id, meta, error, decode_s = worker.conn.recv()

@@ -103,6 +103,8 @@ def test_ray_runner_writes_the_local_runners_rows(ray_address: str, tmp_path: Pa
 
     assert local.exit_code == on_ray.exit_code == 0
     expected, got = _images(tmp_path / "local"), _images(tmp_path / "ray")
+    keys = [set(zip(t["root"].to_pylist(), t["path"].to_pylist())) for t in (expected, got)]
+    assert keys[0] == keys[1], f"only in the local run: {keys[0] - keys[1]}; only on Ray: {keys[1] - keys[0]}"
     assert got.schema == expected.schema and got.num_rows == expected.num_rows == 400 + 17
     for column in ("root", "path", "size_bytes", "mtime_ns", "content_hash", "width", "height", "model"):
         assert got[column].equals(expected[column]), column
