@@ -37,9 +37,9 @@ class Feed:
         self.gpu_decoded = 0
         self._jpegs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._rejected: queue.SimpleQueue[Item] = queue.SimpleQueue()  # back to the workers, CPU only
-        # Bounded: decoded results hold shared-memory slots until the encode stage copies them, so the
-        # workers' thread must wait here rather than run out of slots.
-        self._out: queue.Queue[Any] = queue.Queue(maxsize=max(1, pool.n_slots // 2))
+        # Unbounded: decoded results hold shared memory until the encode stage copies them, and the pool
+        # waits when all of it is held (imap's consumer_thread), so that bounds what queues here.
+        self._out: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._ready = threading.BoundedSemaphore(READY_BATCHES)
         self._lock = threading.Lock()
         self._outstanding = 0  # JPEGs handed to the GPU path and not yet decoded or rejected
@@ -72,7 +72,7 @@ class Feed:
 
     def _run_workers(self, items: Iterator[Item]) -> None:
         try:
-            for result in self.pool.imap(self._items(items)):
+            for result in self.pool.imap(self._items(items), consumer_thread=True):
                 if result.jpeg is not None:
                     self._count(+1)
                     self._jpegs.put(result)

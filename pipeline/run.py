@@ -31,7 +31,7 @@ from pipeline.report import MemoryProbe, gpu_memory_peaks, progress_bar, write_r
 from pipeline.reuse import VectorReuse, load_known_rows
 from pipeline.scan import scan_table
 from pipeline.sinks import finish_run, lance_versions, open_sinks, prepare_sinks
-from pipeline.workers import TASKS_PER_WORKER, DecodePool, Item, slot_bytes, usable_cores
+from pipeline.workers import TASKS_PER_WORKER, DecodePool, Item, region_bytes, slot_bytes, usable_cores
 
 log = logging.getLogger(__name__)
 PREFETCH_BYTES = 512 << 20  # decoded pixels waiting for the encoder (two 256-image batches of 224 px: 77 MB)
@@ -69,6 +69,12 @@ def prefetch_depth(spec: InputSpec, batch_size: int, n_workers: int) -> int:
     """Decoded images held ahead of the encoder: two batches, within PREFETCH_BYTES of shared memory."""
     fits = PREFETCH_BYTES // slot_bytes(spec)
     return max(n_workers * TASKS_PER_WORKER, min(2 * batch_size, fits))
+
+
+def decode_regions(spec: InputSpec, n_workers: int, depth: int) -> int:
+    """Shared-memory regions: the tasks in flight, and the prefetched images (a few per region)."""
+    per_region = max(1, min(4, region_bytes(spec) // slot_bytes(spec)))
+    return n_workers * TASKS_PER_WORKER * 2 + depth // per_region
 
 
 def _remove_stale_temporaries(config: Config) -> None:
@@ -151,7 +157,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                 depth = 0 if use_gpu else prefetch_depth(encoder.input_spec(), config.encoder.batch_size, n_workers)
                 stage = DecodePool(encoder.input_spec(), n_workers, config.decode.max_image_pixels,
                                    config.decode.timeout_s, config.decode.jpeg_draft,
-                                   n_slots=n_workers * TASKS_PER_WORKER + depth if depth else None,
+                                   n_regions=decode_regions(encoder.input_spec(), n_workers, depth) if depth else None,
                                    gpu_jpeg_bytes=config.decode.gpu_max_file_mb << 20 if use_gpu else 0)
             with stage as pool:
                 items = _pending_items(plan.pending, reuse)
@@ -162,7 +168,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                 elif remote:
                     results = pool.imap(items)
                 else:
-                    results = prefetch(pool.imap(items), depth)
+                    results = prefetch(pool.imap(items, consumer_thread=True), depth)
                 bar = progress_bar(plan.pending.num_rows, sys.stderr.isatty() if progress is None else progress)
                 if remote:  # it yields the committer's events itself
                     events = results

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.decode import InputSpec
-from pipeline.workers import DecodePool
+from pipeline.workers import MAX_FILES_PER_TASK, DecodePool
 from tests.conftest import HOSTILE, HOSTILE_EMBEDDED, HOSTILE_ERRORS
 
 SPEC = InputSpec("shortest_edge", (64, 64), (64, 64))
@@ -102,12 +102,14 @@ def test_pool_replaces_a_crashed_worker(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_unreleased_slots_are_reported_not_deadlocked() -> None:
-    with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30, n_slots=1) as pool:
-        stream = pool.imap([("a", str(HOSTILE / "plain.bmp"), None), ("b", str(HOSTILE / "Mixed.Png"), None)])
-        first = next(stream)
-        assert first.error is None
+    with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30, n_regions=1) as pool:
+        stream = pool.imap([(n, str(HOSTILE / "plain.bmp"), None) for n in range(2 * MAX_FILES_PER_TASK)])
+        held = []
         with pytest.raises(RuntimeError, match="release"):
-            next(stream)
+            for result in stream:  # never released: the one region stays held after the first task
+                assert result.error is None
+                held.append(result)
+        assert 0 < len(held) <= MAX_FILES_PER_TASK
 
 
 def test_close_unlinks_the_shared_memory() -> None:
