@@ -35,6 +35,8 @@ class Feed:
         """`gpu` decodes lists of JpegFile: (pixels, decoded, rejected, ready event) (GpuJpegDecoder)."""
         self.pool, self.gpu, self.gpu_batch = pool, gpu, gpu_batch
         self.gpu_decoded = 0
+        # Where the GPU decode thread's time went (the run report's gpu_feed): waiting for JPEGs, decoding.
+        self.stats = {"batches": 0, "wait_s": 0.0, "decode_s": 0.0, "ready_wait_s": 0.0}
         self._jpegs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._rejected: queue.SimpleQueue[Item] = queue.SimpleQueue()  # back to the workers, CPU only
         # Unbounded: decoded results hold shared memory until the encode stage copies them, and the pool
@@ -86,7 +88,9 @@ class Feed:
 
     def _next_batch(self) -> tuple[list[DecodeResult], bool]:
         batch: list[DecodeResult] = []
+        started = time.perf_counter()
         first = self._jpegs.get()
+        self.stats["wait_s"] += time.perf_counter() - started
         if first is _DONE:
             return batch, True
         batch.append(first)
@@ -116,6 +120,8 @@ class Feed:
         files = [JpegFile(r, "", r.jpeg, r.content_hash, r.width, r.height, r.orientation) for r in batch]
         started = time.perf_counter()
         pixels, good, bad, ready = self.gpu.decode(files)
+        self.stats["decode_s"] += time.perf_counter() - started
+        self.stats["batches"] += 1
         for file in bad:
             self._rejected.put((file.key.key, file.key.path, None, True))
         if pixels is not None:
@@ -125,7 +131,9 @@ class Feed:
                 result = file.key
                 result.jpeg = None  # the bytes are decoded: free them now
                 items.append(result)
+            waited = time.perf_counter()
             self._ready.acquire()  # released when the encode stage takes the batch
+            self.stats["ready_wait_s"] += time.perf_counter() - waited
             self._out.put(GpuBatch(items, pixels, ready, time.perf_counter() - started))
         self._count(-len(batch))
 

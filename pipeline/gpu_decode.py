@@ -140,7 +140,6 @@ class GpuJpegDecoder:
 
         Files are decoded in chunks of at most DECODE_PIXELS source pixels: 256 decoded 12 MP photos
         held 43.8 GB at once; the resized outputs of all chunks share one batch."""
-        height, width, _ = self.spec.output_shape
         with torch.cuda.stream(self.stream):
             outputs, good, bad = [], [], []
             for chunk in pixel_chunks(files, DECODE_PIXELS):
@@ -150,17 +149,16 @@ class GpuJpegDecoder:
                     continue
                 # One resize per (size, orientation) group: camera folders hold few distinct sizes, and
                 # a few large kernels beat hundreds of small ones launched from a Python thread that
-                # competes for the GIL with the workers' feed and the main thread.
+                # competes for the GIL with the workers' feed and the main thread. The batch comes out
+                # in group order (no index tensor to copy to the device).
                 groups: dict[tuple[Any, ...], list[int]] = {}
                 for index, (image, file) in enumerate(zip(images, decoded)):
                     groups.setdefault((*image.shape, file.orientation), []).append(index)
-                out = torch.empty((len(decoded), 3, height, width), dtype=torch.uint8, device=self.device)
                 for (*_, orientation), indices in groups.items():
                     stacked = torch.stack([images[i] for i in indices])
-                    out[indices] = resize_and_crop(orient(stacked, orientation), self.spec)
+                    outputs.append(resize_and_crop(orient(stacked, orientation), self.spec))
+                    good.extend(decoded[i] for i in indices)
                 del images
-                outputs.append(out)
-                good.extend(decoded)
             if not good:
                 return None, [], bad, None
             out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -126,7 +126,8 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                  plan.n_changed, plan.n_deleted, plan.n_unchanged)
 
         timer, model_load_s, n_workers, embed_s = EncodeTimer(), describe_s, 0, 0.0
-        committer = ray_run = None
+        committer = ray_run = feed = None
+        main_cpu_s = 0.0  # CPU seconds of this process's threads while embedding: near embed_s means GIL-bound
         if plan.pending.num_rows and on_ray:  # decode tasks and embed actors on a Ray cluster
             from pipeline.ray_runner import embed_on_ray
 
@@ -138,7 +139,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
             load_started = time.perf_counter()
             encoder = wrap_encoder(encoder or load_encoder(config.encoder, described), config.encoder)
             model_load_s += time.perf_counter() - load_started
-            embed_started = time.perf_counter()
+            embed_started, cpu_started = time.perf_counter(), time.process_time()
             identity = index_identity(encoder.fingerprint(), config.encoder)
             committer = ShardCommitter(sinks, row_schema(encoder), encoder.name, config.run.shard_size,
                                        row_extras(encoder))
@@ -183,6 +184,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                 committer.commit()
                 bar.close()
             embed_s = time.perf_counter() - embed_started
+            main_cpu_s = time.process_time() - cpu_started
         write_identity(config, identity)
         maintenance = None
         if lance_versions(sinks) != versions_before:
@@ -228,6 +230,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                     "write": committer.write_s if committer else 0.0},
         "decode_wait_s": timer.decode_wait_s,
         "embed_s": embed_s,
+        "main_process_cpu_s": main_cpu_s,
         "images_per_s": written / embed_s if embed_s > 0 else 0.0,
         **vector_sizes(encoder, timer),
         "encode_images_per_s": timer.images / timer.encode_s if timer.encode_s > 0 else 0.0,
@@ -240,6 +243,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "storage_bytes": sum(sink.storage_bytes() for sink in sinks),
         "sinks": [sink.name for sink in sinks],
         "index_maintenance": maintenance,
+        **({"gpu_feed": feed.stats} if feed is not None else {}),
         **(ray_run.report if ray_run is not None else {}),
     }
     folder = write_report(config.run.report_dir, report)
