@@ -10,7 +10,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.encoders import load_encoder
-from pipeline.layout import is_grouped, wrap_encoder
+from pipeline.layout import warm_up, wrap_encoder
 from pipeline.run import run_index
 
 log = logging.getLogger(__name__)
@@ -29,22 +29,6 @@ def _scratch_config(config: Config, batch_size: int, scratch: Path) -> Config:
         trial.output.parquet.dir = str(scratch / "embeddings")
     trial.run.report_dir = str(scratch / "runs")
     return trial
-
-
-def warm_up(encoder: Any) -> None:
-    """One tiny forward pass: the CUDA context and kernel selection are not any batch size's cost."""
-    import torch
-
-    spec = encoder.input_spec()
-    if is_grouped(encoder):
-        if spec.dynamic:
-            shape: tuple[int, ...] = (4 * spec.factor, 4 * spec.factor, 3)
-        else:  # fixed-size multi-vector (ColPali), or pyramid tiles stacked per image
-            shape = (encoder.n_tiles, *spec.output_shape) if spec.tiles else spec.output_shape
-        encoder.encode_image_list([torch.zeros(shape, dtype=torch.uint8)])
-    else:
-        height, width, _ = spec.output_shape
-        encoder.encode_images(torch.zeros((1, height, width, 3), dtype=torch.uint8))
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -118,7 +118,8 @@ class GpuJpegDecoder:
 
         self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
         self.spec, self.device = spec, device
-        self.stream = torch.cuda.Stream(device=device)
+        # High priority: its resize kernels go ahead of a forward pass already queued, not after it.
+        self.stream = torch.cuda.Stream(device=device, priority=-1)
 
     def _decode(self, files: list[JpegFile]) -> tuple[list[torch.Tensor], list[JpegFile], list[JpegFile]]:
         tensors = [torch.frombuffer(bytearray(f.data), dtype=torch.uint8) for f in files]

@@ -72,3 +72,20 @@ def vector_sizes(encoder: Any, timer: Any) -> dict[str, Any]:
     per_image = timer.vectors / timer.images if multivector and timer.vectors else 1.0
     width = (MULTIVECTOR_TYPE if multivector else FLOAT32).bit_width // 8
     return {"vectors_per_image": per_image, "embedding_bytes_per_image": per_image * encoder.dim * width}
+
+
+def warm_up(encoder: Any, batch_size: int = 1) -> None:
+    """A forward pass on zeros: the CUDA context and kernel selection are not any batch's cost.
+    Fixed-size encoders take `batch_size` images, so the first real batch finds its kernels chosen."""
+    import torch
+
+    spec = encoder.input_spec()
+    if is_grouped(encoder):
+        if spec.dynamic:
+            shape: tuple[int, ...] = (4 * spec.factor, 4 * spec.factor, 3)
+        else:  # fixed-size multi-vector (ColPali), or pyramid tiles stacked per image
+            shape = (encoder.n_tiles, *spec.output_shape) if spec.tiles else spec.output_shape
+        encoder.encode_image_list([torch.zeros(shape, dtype=torch.uint8)])
+    else:
+        height, width, _ = spec.output_shape
+        encoder.encode_images(torch.zeros((batch_size, height, width, 3), dtype=torch.uint8))

@@ -23,7 +23,7 @@ from pipeline.exitcodes import EXIT_OK, EXIT_TOO_MANY_ERRORS
 from pipeline.feed import Feed, gpu_workers
 from pipeline.gpu_decode import GpuJpegDecoder
 from pipeline.identity import check_identity, fingerprint_id, index_identity, write_identity
-from pipeline.layout import is_grouped, row_extras, row_schema, vector_sizes, wrap_encoder
+from pipeline.layout import is_grouped, row_extras, row_schema, vector_sizes, warm_up, wrap_encoder
 from pipeline.lock import IndexLock
 from pipeline.plan import make_plan
 from pipeline.prefetch import prefetch
@@ -161,6 +161,12 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                                    n_regions=decode_regions(encoder.input_spec(), n_workers, depth) if depth else None,
                                    gpu_jpeg_bytes=config.decode.gpu_max_file_mb << 20 if use_gpu else 0)
             with stage as pool:
+                if not remote and encoder.device.type == "cuda":
+                    # While the decode workers start: CUDA's lazy set-up and kernel choice belong to loading.
+                    warmed = time.perf_counter()
+                    warm_up(encoder, 1 if is_grouped(encoder) else config.encoder.batch_size)
+                    model_load_s += time.perf_counter() - warmed
+                    embed_started += time.perf_counter() - warmed
                 items = _pending_items(plan.pending, reuse)
                 if use_gpu:
                     gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device)

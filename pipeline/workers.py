@@ -1,4 +1,4 @@
-"""The decode process pool: tasks of several files, outputs through shared memory, crashes and hangs as error records."""
+"""The decode process pool: tasks of several files, outputs in shared memory, crashes and hangs as error rows."""
 
 from __future__ import annotations
 
