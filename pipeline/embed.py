@@ -47,6 +47,7 @@ POLL_S = 0.0002  # a forward pass of 256 images takes 30-120 ms on an H100: a 0.
 class EncodeTimer:
     encode_s: float = 0.0  # main-thread seconds in the encoder, waits for the GPU included
     decode_wait_s: float = 0.0  # main-thread seconds waiting for decoded images
+    first_wait_s: float | None = None  # of which, for the first (decode workers starting up)
     decode_s: float = 0.0  # worker seconds spent decoding, summed over workers
     images: int = 0  # images given to the encoder
     vectors: int = 0  # vectors the encoder gave for them (multi-vector: tokens kept)
@@ -133,6 +134,8 @@ def embed_stream(
     waited = time.perf_counter()
     for result in results:
         timer.decode_wait_s += time.perf_counter() - waited
+        if timer.first_wait_s is None:
+            timer.first_wait_s = time.perf_counter() - waited
         timer.decode_s += result.decode_s
         if isinstance(result, GpuBatch):
             timer.gpu_decoded += len(result.items)

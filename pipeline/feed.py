@@ -161,7 +161,3 @@ class Feed:
         finally:
             sys.setswitchinterval(switch_interval)
 
-
-def gpu_workers(cores: int) -> int:
-    """Decode processes beside the GPU path: one core stays for the main process's threads."""
-    return max(1, cores - 1)

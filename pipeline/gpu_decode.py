@@ -120,6 +120,18 @@ class GpuJpegDecoder:
         self.spec, self.device = spec, device
         # High priority: its resize kernels go ahead of a forward pass already queued, not after it.
         self.stream = torch.cuda.Stream(device=device, priority=-1)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """nvJPEG creates its decoder (hardware engines, buffers) on the first call: make it now."""
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (90, 120, 150)).save(buffer, "JPEG")
+        self.decode([JpegFile(None, "", buffer.getvalue(), "", 64, 48)])
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def _decode(self, files: list[JpegFile]) -> tuple[list[torch.Tensor], list[JpegFile], list[JpegFile]]:
         tensors = [torch.frombuffer(bytearray(f.data), dtype=torch.uint8) for f in files]

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.commit import ShardCommitter
-from pipeline.config import Config, ConfigError
-from pipeline.decode import InputSpec
+from pipeline.config import Config
+from pipeline.decode_setup import decode_setup, early_pool, open_pool
 from pipeline.embed import EncodeTimer, embed_stream
 from pipeline.embed_groups import embed_groups
 from pipeline.encoders import describe_model, load_encoder
 from pipeline.encoders.base import Encoder
 from pipeline.exitcodes import EXIT_OK, EXIT_TOO_MANY_ERRORS
-from pipeline.feed import Feed, gpu_workers
+from pipeline.feed import Feed
 from pipeline.gpu_decode import GpuJpegDecoder
 from pipeline.identity import check_identity, fingerprint_id, index_identity, write_identity
 from pipeline.layout import is_grouped, row_extras, row_schema, vector_sizes, warm_up, wrap_encoder
@@ -31,10 +31,9 @@ from pipeline.report import MemoryProbe, gpu_memory_peaks, progress_bar, write_r
 from pipeline.reuse import VectorReuse, load_known_rows
 from pipeline.scan import scan_table
 from pipeline.sinks import finish_run, lance_versions, open_sinks, prepare_sinks
-from pipeline.workers import TASKS_PER_WORKER, DecodePool, Item, region_bytes, slot_bytes, usable_cores
+from pipeline.workers import Item, usable_cores
 
 log = logging.getLogger(__name__)
-PREFETCH_BYTES = 512 << 20  # decoded pixels waiting for the encoder (two 256-image batches of 224 px: 77 MB)
 
 
 @dataclass
@@ -50,31 +49,6 @@ def _pending_items(pending: Any, reuse: VectorReuse) -> Iterator[Item]:
         for row in batch.to_pylist():
             path = os.path.join(row["root"], *row["path"].split("/"))
             yield row, path, reuse.hashes_for_size(row["size_bytes"])
-
-
-def _gpu_decode_wanted(config: Config, encoder: Encoder) -> bool:
-    from pipeline.gpu_decode import gpu_jpeg_available
-
-    wanted = config.decode.device
-    if wanted == "cpu" or is_grouped(encoder):  # nvJPEG feeds fixed-size batches only
-        return False
-    available = gpu_jpeg_available(encoder.device)
-    if wanted == "cuda" and not available:
-        raise ConfigError("decode.device: 'cuda' needs the encoder on a CUDA device and torchvision's nvJPEG "
-                          "(pip install torchvision); use 'auto' or 'cpu'")
-    return available
-
-
-def prefetch_depth(spec: InputSpec, batch_size: int, n_workers: int) -> int:
-    """Decoded images held ahead of the encoder: two batches, within PREFETCH_BYTES of shared memory."""
-    fits = PREFETCH_BYTES // slot_bytes(spec)
-    return max(n_workers * TASKS_PER_WORKER, min(2 * batch_size, fits))
-
-
-def decode_regions(spec: InputSpec, n_workers: int, depth: int) -> int:
-    """Shared-memory regions: the tasks in flight, and the prefetched images (a few per region)."""
-    per_region = max(1, min(4, region_bytes(spec) // slot_bytes(spec)))
-    return n_workers * TASKS_PER_WORKER * 2 + depth // per_region
 
 
 def _remove_stale_temporaries(config: Config) -> None:
@@ -137,39 +111,48 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
             identity = {**identity, **ray_run.identity}
         elif plan.pending.num_rows:
             load_started = time.perf_counter()
-            encoder = wrap_encoder(encoder or load_encoder(config.encoder, described), config.encoder)
+            early = early_pool(config, described, plan.pending.num_rows) if encoder is None else None
+            try:
+                encoder = wrap_encoder(encoder or load_encoder(config.encoder, described), config.encoder)
+            except BaseException:
+                if early is not None:
+                    early[1].close()
+                raise
             model_load_s += time.perf_counter() - load_started
             embed_started, cpu_started = time.perf_counter(), time.process_time()
             identity = index_identity(encoder.fingerprint(), config.encoder)
             committer = ShardCommitter(sinks, row_schema(encoder), encoder.name, config.run.shard_size,
                                        row_extras(encoder))
             remote = getattr(encoder, "remote", False)  # encoder.kind http: the endpoint decodes the files' bytes
-            use_gpu = not remote and _gpu_decode_wanted(config, encoder)
-            n_workers = usable_cores() if config.decode.workers == "auto" else config.decode.workers
-            if use_gpu and config.decode.workers == "auto":
-                n_workers = gpu_workers(n_workers)
-            n_workers = min(n_workers, plan.pending.num_rows)
             if remote:
                 from pipeline.remote import RemoteStream
 
+                n_workers = min(usable_cores() if config.decode.workers == "auto" else config.decode.workers,
+                                plan.pending.num_rows)
                 stage = RemoteStream(encoder, n_workers, reuse, timer, config.decode.max_image_pixels)
+                use_gpu, depth = False, 0
             else:
-                # Without the GPU feed, decoded images queue ahead of the encoder (prefetch): their slots too.
-                depth = 0 if use_gpu else prefetch_depth(encoder.input_spec(), config.encoder.batch_size, n_workers)
-                stage = DecodePool(encoder.input_spec(), n_workers, config.decode.max_image_pixels,
-                                   config.decode.timeout_s, config.decode.jpeg_draft,
-                                   n_regions=decode_regions(encoder.input_spec(), n_workers, depth) if depth else None,
-                                   gpu_jpeg_bytes=config.decode.gpu_max_file_mb << 20 if use_gpu else 0)
+                setup = decode_setup(config, encoder.input_spec(), encoder.device, is_grouped(encoder),
+                                     plan.pending.num_rows)
+                if early is not None and early[0] != setup:  # the prediction missed: start over
+                    log.info("decode workers restart: the model's input policy differs from its processor's")
+                    early[1].close()
+                    early = None
+                stage = early[1] if early is not None else open_pool(config, setup)
+                n_workers, use_gpu, depth = setup.n_workers, setup.use_gpu, setup.depth
             with stage as pool:
+                gpu = None
                 if not remote and encoder.device.type == "cuda":
-                    # While the decode workers start: CUDA's lazy set-up and kernel choice belong to loading.
+                    # While the decode workers start: CUDA's and nvJPEG's lazy set-up and the kernels' choice
+                    # belong to loading, not to the first batch.
                     warmed = time.perf_counter()
+                    gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device) if use_gpu else None
                     warm_up(encoder, 1 if is_grouped(encoder) else config.encoder.batch_size)
                     model_load_s += time.perf_counter() - warmed
                     embed_started += time.perf_counter() - warmed
                 items = _pending_items(plan.pending, reuse)
                 if use_gpu:
-                    gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device)
+                    gpu = gpu or GpuJpegDecoder(encoder.input_spec(), encoder.device)
                     feed = Feed(pool, gpu, config.decode.gpu_batch)
                     results = feed.stream(items)
                 elif remote:
@@ -235,6 +218,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         "stage_s": {"scan": scan_s, "decode": timer.decode_s, "encode": timer.encode_s,
                     "write": committer.write_s if committer else 0.0},
         "decode_wait_s": timer.decode_wait_s,
+        "first_decode_wait_s": timer.first_wait_s or 0.0,
         "embed_s": embed_s,
         "main_process_cpu_s": main_cpu_s,
         "images_per_s": written / embed_s if embed_s > 0 else 0.0,

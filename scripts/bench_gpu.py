@@ -109,9 +109,9 @@ def embindex(model_dir: str, corpus: Path, work: Path, batch_size: int, name: st
         raise SystemExit(f"embindex failed: {done.stderr[-3000:]}")
     report = json.loads(sorted((work / f"{name}-runs").glob("*/report.json"))[-1].read_text())
     keys = ("images_embedded", "images_encoded", "images_reused", "images_per_s", "embed_s", "processing_s",
-            "model_load_s", "images_gpu_decoded",
-            "gpu_busy_pct", "decode_wait_s", "stage_s", "peak_vram_nvml_mb", "decode_workers")
-    return {**{k: report[k] for k in keys}, "outside_s": outside_s}
+            "model_load_s", "images_gpu_decoded", "gpu_busy_pct", "decode_wait_s", "first_decode_wait_s",
+            "main_process_cpu_s", "stage_s", "peak_vram_nvml_mb", "decode_workers")
+    return {**{k: report[k] for k in keys}, "gpu_feed": report.get("gpu_feed"), "outside_s": outside_s}
 
 
 def main() -> None:

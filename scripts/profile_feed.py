@@ -20,6 +20,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pipeline.decode_setup as decode_setup  # noqa: E402
 import pipeline.run as run  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 from pipeline.encoders import load_encoder  # noqa: E402
@@ -61,7 +62,7 @@ def main() -> None:
         "run": {"report_dir": str(work / "runs"), "shard_size": 8192}}))
     config = load_config(config_path)
     encoder = StandInEncoder(load_encoder(config.encoder))
-    run._gpu_decode_wanted = lambda config, encoder: True
+    decode_setup.gpu_decode_wanted = lambda config, device, grouped: True
     run.GpuJpegDecoder = StandInDecoder
     if args.yappi:
         import yappi
