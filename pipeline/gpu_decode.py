@@ -46,7 +46,7 @@ def gpu_jpeg_available(device: torch.device) -> bool:
 class JpegFile:
     key: Any
     path: str
-    data: bytes
+    data: bytes | bytearray
     content_hash: str
     width: int = 0  # after EXIF orientation, as stored in the table
     height: int = 0
@@ -134,7 +134,9 @@ class GpuJpegDecoder:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def _decode(self, files: list[JpegFile]) -> tuple[list[torch.Tensor], list[JpegFile], list[JpegFile]]:
-        tensors = [torch.frombuffer(bytearray(f.data), dtype=torch.uint8) for f in files]
+        # A bytearray (the feed's) is wrapped as it is; bytes are read-only to torch, so they are copied.
+        tensors = [torch.frombuffer(f.data if isinstance(f.data, bytearray) else bytearray(f.data), dtype=torch.uint8)
+                   for f in files]
         try:
             return self._decode_jpeg(tensors, mode=self._rgb, device=self.device), files, []
         except RuntimeError:

@@ -45,7 +45,7 @@ class DecodeResult:
     decode_s: float = 0.0
     reused: bool = False  # the bytes hash to a known vector: read and hashed, not decoded
     needs_encoding: bool = False  # set by the encode stage for GPU-decoded items it will encode
-    jpeg: bytes | None = None  # a JPEG the GPU decoder takes: read, hashed and probed, not decoded
+    jpeg: bytes | bytearray | None = None  # a JPEG the GPU decoder takes: read, hashed and probed, not decoded
     orientation: int = 1  # its EXIF orientation (width and height are already upright)
     path: str | None = None  # set on `jpeg` results, so a file the GPU rejects can go back to a worker
 
@@ -368,7 +368,8 @@ class DecodePool:
                 used += pixels.size
             elif kind == "jpeg":
                 _, offset, size, width, height, orientation, digest, decode_s = reply
-                data = region[offset:offset + size].tobytes()  # copied out: the region is not held for it
+                # Copied out, so the region is not held for it; a bytearray, which torch wraps without a copy.
+                data = bytearray(region[offset:offset + size])
                 used += size
                 results.append(DecodeResult(key, None, None, width, height, digest, decode_s=decode_s, jpeg=data,
                                             orientation=orientation, path=path))
