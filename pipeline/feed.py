@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pipeline.gpu_decode import GpuBatch, JpegFile
+from pipeline.gpu_decode import DECODE_PIXELS, GpuBatch, JpegFile
 from pipeline.workers import DecodePool, DecodeResult, Item
 
 # At most this many GPU batches decoded and not yet taken by the encode stage: beyond it the GPU
@@ -45,12 +45,17 @@ class Feed:
         self._ready = threading.BoundedSemaphore(READY_BATCHES)
         self._lock = threading.Lock()
         self._outstanding = 0  # JPEGs handed to the GPU path and not yet decoded or rejected
+        self._outstanding_pixels = 0  # their source pixels
 
-    def _count(self, delta: int) -> None:
+    def _count(self, files: int, pixels: int) -> None:
         with self._lock:
-            self._outstanding += delta
-            # More than two batches waiting: the GPU is behind; let the workers decode on the CPU.
-            self.pool.gpu_room.value = self._outstanding < 2 * self.gpu_batch
+            self._outstanding += files
+            self._outstanding_pixels += pixels
+            # More than two batches waiting, or more pixels than two decode chunks, and the GPU is behind:
+            # let the workers decode on the CPU. The pixel bound keeps the queue short where each file
+            # is slow (12 MP: 33 files, not 512, so the workers are not idle at the end of a run).
+            self.pool.gpu_room.value = (self._outstanding < 2 * self.gpu_batch
+                                        and self._outstanding_pixels < 2 * DECODE_PIXELS)
 
     def _items(self, items: Iterator[Item]) -> Iterator[Item | None]:
         """Rejected JPEGs first, then the source; None tells the pool 'nothing right now'."""
@@ -76,7 +81,7 @@ class Feed:
         try:
             for result in self.pool.imap(self._items(items), consumer_thread=True):
                 if result.jpeg is not None:
-                    self._count(+1)
+                    self._count(+1, result.width * result.height)
                     self._jpegs.put(result)
                 else:
                     self._out.put(result)
@@ -135,7 +140,7 @@ class Feed:
             self._ready.acquire()  # released when the encode stage takes the batch
             self.stats["ready_wait_s"] += time.perf_counter() - waited
             self._out.put(GpuBatch(items, pixels, ready, time.perf_counter() - started))
-        self._count(-len(batch))
+        self._count(-len(batch), -sum(r.width * r.height for r in batch))
 
     def stream(self, items: Iterator[Item]) -> Iterator[DecodeResult | GpuBatch]:
         threads = [threading.Thread(target=self._run_workers, args=(iter(items),), name="decode-feed", daemon=True),

@@ -87,7 +87,16 @@ def resize_and_crop(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     """uint8 (3, H, W) or (N, 3, H, W) of one size -> uint8 (..., 3, h, w) with the processor's resize
     and center crop. Antialiased bicubic on the device follows PIL's filter closely (cosine >= 0.99)."""
     if chw.dim() == 3:
-        return resize_and_crop(chw[None], spec)[0]
+        return to_uint8(resized_float(chw[None], spec))[0]
+    return to_uint8(resized_float(chw, spec))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def resized_float(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (N, 3, H, W) of one size -> float (N, 3, h, w), resized and cropped, not yet rounded."""
     height, width = chw.shape[-2:]
     new_w, new_h = resized_size(width, height, spec)
     factor = min(height / new_h, width / new_w)
@@ -107,7 +116,7 @@ def resize_and_crop(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
         if out.shape[-2:] != (crop_h, crop_w):  # smaller than the crop: pad like HF (zeros, centered)
             pad_h, pad_w = crop_h - out.shape[-2], crop_w - out.shape[-1]
             out = F.pad(out, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    return out.clamp_(0, 255).round_().to(torch.uint8)
+    return out
 
 
 class GpuJpegDecoder:
@@ -169,15 +178,17 @@ class GpuJpegDecoder:
                 groups: dict[tuple[Any, ...], list[int]] = {}
                 for index, (image, file) in enumerate(zip(images, decoded)):
                     groups.setdefault((*image.shape, file.orientation), []).append(index)
+                # Rounded to uint8 once for the whole batch: fewer kernel launches per group.
                 for (*_, orientation), indices in groups.items():
-                    stacked = torch.stack([images[i] for i in indices])
-                    outputs.append(resize_and_crop(orient(stacked, orientation), self.spec))
+                    group = [images[i] for i in indices]
+                    stacked = group[0][None] if len(group) == 1 else torch.stack(group)
+                    outputs.append(resized_float(orient(stacked, orientation), self.spec))
                     good.extend(decoded[i] for i in indices)
                 del images
             if not good:
                 return None, [], bad, None
             out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            pixels = out.permute(0, 2, 3, 1).contiguous()
+            pixels = to_uint8(out).permute(0, 2, 3, 1).contiguous()
             ready = torch.cuda.Event()
             ready.record(self.stream)
         return pixels, good, bad, ready
