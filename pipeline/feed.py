@@ -51,11 +51,11 @@ class Feed:
         with self._lock:
             self._outstanding += files
             self._outstanding_pixels += pixels
-            # More than two batches waiting, or more pixels than two decode chunks, and the GPU is behind:
-            # let the workers decode on the CPU. The pixel bound keeps the queue short where each file
-            # is slow (12 MP: 33 files, not 512, so the workers are not idle at the end of a run).
+            # More than two batches waiting, or more pixels than four decode chunks (~0.1 s of nvJPEG), and
+            # the GPU is behind: let the workers decode on the CPU. The pixel bound keeps the queue short
+            # where each file is slow (12 MP: 66 files, not 512, so the workers do not idle at the end).
             self.pool.gpu_room.value = (self._outstanding < 2 * self.gpu_batch
-                                        and self._outstanding_pixels < 2 * DECODE_PIXELS)
+                                        and self._outstanding_pixels < 4 * DECODE_PIXELS)
 
     def _items(self, items: Iterator[Item]) -> Iterator[Item | None]:
         """Rejected JPEGs first, then the source; None tells the pool 'nothing right now'."""
