@@ -146,3 +146,33 @@ def test_known_hash_skips_the_decode() -> None:
         assert not by_key["bmp"].reused and by_key["bmp"].pixels is not None
         for result in results:
             pool.release(result.slot)
+
+
+def test_a_full_region_sends_the_rest_of_a_task_out_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.workers as workers
+
+    # Room for three outputs per task, while tasks hold four files at first: the fourth comes back.
+    monkeypatch.setattr(workers, "REGION_BYTES", 3 * workers.slot_bytes(SPEC))
+    names = ["plain.bmp", "Mixed.Png", "cmyk.jpg", "exif_orientation_6.jpg"] * 5
+    with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
+        assert len(pool._regions[0]) == 3 * workers.slot_bytes(SPEC)
+        outcomes = {}
+        for result in pool.imap((n, str(HOSTILE / name), None) for n, name in enumerate(names)):
+            assert result.error is None
+            outcomes[result.key] = np.array(result.pixels)
+            pool.release(result.slot)
+    assert sorted(outcomes) == list(range(len(names)))
+    for n, name in enumerate(names):
+        assert np.array_equal(outcomes[n], outcomes[names.index(name)])
+
+
+def test_a_crash_in_the_middle_of_a_task_blames_the_file_in_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBINDEX_FAULT", "crash:plain.bmp")
+    names = ["Mixed.Png", "cmyk.jpg", "plain.bmp", "exif_orientation_6.jpg", "Mixed.Png", "cmyk.jpg"]
+    with DecodePool(SPEC, workers=1, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
+        results = list(pool.imap((n, str(HOSTILE / name), None) for n, name in enumerate(names)))
+        for result in results:
+            pool.release(result.slot)
+    assert sorted(r.key for r in results) == list(range(len(names)))  # one result each, none lost
+    errors = {r.key: r.error for r in results if r.error}
+    assert list(errors) == [2] and "crashed" in errors[2]
