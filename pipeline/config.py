@@ -45,12 +45,12 @@ class DecodeConfig(_Strict):
     max_image_pixels: int = Field(100_000_000, gt=0)
     timeout_s: float = Field(60.0, gt=0)  # per file; a hung decoder is killed and recorded
     jpeg_draft: bool = True  # let libjpeg downscale by 1/2..1/8 while decoding large JPEGs
-    # cuda: JPEGs also go to nvJPEG on the GPU (needs torchvision), beside the CPU pool; auto: that
-    # when available. Default cpu until the GPU path measures faster end to end (docs/benchmarks.md).
-    device: Literal["auto", "cpu", "cuda"] = "cpu"
+    # cuda: JPEGs also go to nvJPEG on the GPU (needs torchvision), beside the CPU pool; auto: that when
+    # the encoder is on a CUDA GPU and nvJPEG is there (H100: ViT-B/16 2.2x, 12 MP 1.6x faster; docs/benchmarks.md).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     gpu_batch: int = Field(256, ge=1)  # JPEGs per nvJPEG batch
-    # JPEGs up to this size travel to the GPU decoder through shared memory (one slot per queued file);
-    # larger ones are decoded by the CPU workers (JPEG draft mode).
+    # JPEGs up to this size travel to the GPU decoder through shared memory (a decode task's region is at
+    # least this large); larger ones are decoded by the CPU workers (JPEG draft mode).
     gpu_max_file_mb: int = Field(4, ge=1, le=256)
 
     @field_validator("workers")
