@@ -26,8 +26,8 @@ class HostCopy:
     wait polls instead of blocking in CUDA, whose wait spins a core the decode workers need."""
 
     def __init__(self, vectors: torch.Tensor) -> None:
-        if vectors.device.type != "cuda":
-            self._host, self._done = vectors.to(torch.float32), None
+        if vectors.device.type != "cuda":  # CPU, or MPS (which copies synchronously)
+            self._host, self._done = vectors.to("cpu", torch.float32), None
             return
         self._host = torch.empty(vectors.shape, dtype=torch.float32, pin_memory=True)
         self._host.copy_(vectors, non_blocking=True)
