@@ -37,7 +37,7 @@ REGION_BYTES = 4 << 20  # each task writes its outputs (pixels or JPEG bytes) on
 class DecodeResult:
     key: Any  # the caller's handle for the file
     pixels: np.ndarray | None  # a view into shared memory; valid until release(slot)
-    slot: int | None
+    slot: int | None  # the shared-memory region holding its pixels (its task's other results share it)
     width: int = 0
     height: int = 0
     content_hash: str | None = None
@@ -245,7 +245,9 @@ class DecodePool:
         return [w.process.pid for w in self._workers if w.process.pid is not None]
 
     def release(self, slot: int | None) -> None:
-        """Give a result's hold on its shared-memory region back once its pixels have been copied out."""
+        """Give a result's hold on its shared-memory region back once its pixels have been copied out.
+        One consumer thread may call this while another runs imap: a region's count is set before its
+        results are yielded, and list append/pop are atomic under the GIL."""
         if slot is not None:
             self._holders[slot] -= 1
             if self._holders[slot] == 0:
