@@ -176,3 +176,16 @@ def test_a_crash_in_the_middle_of_a_task_blames_the_file_in_hand(monkeypatch: py
     assert sorted(r.key for r in results) == list(range(len(names)))  # one result each, none lost
     errors = {r.key: r.error for r in results if r.error}
     assert list(errors) == [2] and "crashed" in errors[2]
+
+
+def test_a_small_dev_shm_gets_fewer_regions_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    import pipeline.workers as workers
+
+    region = workers.region_bytes(SPEC)
+    room = os.statvfs_result((4096, 4096, 0, 0, int(3 * region / 0.8 / 4096) + 1, 0, 0, 0, 0, 255))
+    monkeypatch.setattr(workers.os, "statvfs", lambda path: room)  # a container's /dev/shm: 3 regions
+    with DecodePool(SPEC, workers=2, max_image_pixels=MAX_PIXELS, timeout_s=30) as pool:
+        assert pool.n_regions == 3
+        assert_hostile_outcomes(run_pool(pool))
