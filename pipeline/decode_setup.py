@@ -51,12 +51,18 @@ def decode_regions(spec: InputSpec, n_workers: int, depth: int) -> int:
     return n_workers * TASKS_PER_WORKER * 2 + depth // per_region
 
 
+def worker_count(config: Config, use_gpu: bool, n_files: int) -> int:
+    """decode.workers, or for auto the usable cores (fewer beside nvJPEG); never more than the files."""
+    if config.decode.workers == "auto":
+        n_workers = gpu_workers(usable_cores()) if use_gpu else usable_cores()
+    else:
+        n_workers = config.decode.workers
+    return max(1, min(n_workers, n_files))
+
+
 def decode_setup(config: Config, spec: InputSpec, device: Any, grouped: bool, n_files: int) -> DecodeSetup:
     use_gpu = gpu_decode_wanted(config, device, grouped)
-    n_workers = usable_cores() if config.decode.workers == "auto" else config.decode.workers
-    if use_gpu and config.decode.workers == "auto":
-        n_workers = gpu_workers(n_workers)
-    n_workers = max(1, min(n_workers, n_files))
+    n_workers = worker_count(config, use_gpu, n_files)
     # Without the GPU feed, decoded images queue ahead of the encoder (prefetch): their memory too.
     depth = 0 if use_gpu else prefetch_depth(spec, config.encoder.batch_size, n_workers)
     return DecodeSetup(spec, use_gpu, n_workers, depth)

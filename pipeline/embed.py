@@ -133,9 +133,10 @@ def embed_stream(
 
     waited = time.perf_counter()
     for result in results:
-        timer.decode_wait_s += time.perf_counter() - waited
+        waited_s = time.perf_counter() - waited
+        timer.decode_wait_s += waited_s
         if timer.first_wait_s is None:
-            timer.first_wait_s = time.perf_counter() - waited
+            timer.first_wait_s = waited_s
         timer.decode_s += result.decode_s
         if isinstance(result, GpuBatch):
             timer.gpu_decoded += len(result.items)

@@ -140,7 +140,6 @@ class GpuJpegDecoder:
         buffer = io.BytesIO()
         Image.new("RGB", (64, 48), (90, 120, 150)).save(buffer, "JPEG")
         self.decode([JpegFile(None, "", buffer.getvalue(), "", 64, 48)])
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
     def _decode(self, files: list[JpegFile]) -> tuple[list[torch.Tensor], list[JpegFile], list[JpegFile]]:
         # A bytearray (the feed's) is wrapped as it is; bytes are read-only to torch, so they are copied.

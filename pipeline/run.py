@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.commit import ShardCommitter
 from pipeline.config import Config
-from pipeline.decode_setup import decode_setup, early_pool, open_pool
+from pipeline.decode_setup import decode_setup, early_pool, open_pool, worker_count
 from pipeline.embed import EncodeTimer, embed_stream
 from pipeline.embed_groups import embed_groups
 from pipeline.encoders import describe_model, load_encoder
@@ -31,7 +31,7 @@ from pipeline.report import MemoryProbe, gpu_memory_peaks, progress_bar, write_r
 from pipeline.reuse import VectorReuse, load_known_rows
 from pipeline.scan import scan_table
 from pipeline.sinks import finish_run, lance_versions, open_sinks, prepare_sinks
-from pipeline.workers import Item, usable_cores
+from pipeline.workers import Item
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
             if remote:
                 from pipeline.remote import RemoteStream
 
-                n_workers = min(usable_cores() if config.decode.workers == "auto" else config.decode.workers,
-                                plan.pending.num_rows)
+                n_workers = worker_count(config, False, plan.pending.num_rows)
                 stage = RemoteStream(encoder, n_workers, reuse, timer, config.decode.max_image_pixels)
                 use_gpu, depth = False, 0
             else:
@@ -141,18 +140,16 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
                 stage = early[1] if early is not None else open_pool(config, setup)
                 n_workers, use_gpu, depth = setup.n_workers, setup.use_gpu, setup.depth
             with stage as pool:
-                gpu = None
+                # While the decode workers start: nvJPEG's and CUDA's lazy set-up and the kernels' choice
+                # belong to loading, not to the first batch.
+                warmed = time.perf_counter()
+                gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device) if use_gpu else None
                 if not remote and encoder.device.type == "cuda":
-                    # While the decode workers start: CUDA's and nvJPEG's lazy set-up and the kernels' choice
-                    # belong to loading, not to the first batch.
-                    warmed = time.perf_counter()
-                    gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device) if use_gpu else None
                     warm_up(encoder, 1 if is_grouped(encoder) else config.encoder.batch_size)
-                    model_load_s += time.perf_counter() - warmed
-                    embed_started += time.perf_counter() - warmed
+                model_load_s += time.perf_counter() - warmed
+                embed_started += time.perf_counter() - warmed
                 items = _pending_items(plan.pending, reuse)
                 if use_gpu:
-                    gpu = gpu or GpuJpegDecoder(encoder.input_spec(), encoder.device)
                     feed = Feed(pool, gpu, config.decode.gpu_batch)
                     results = feed.stream(items)
                 elif remote:

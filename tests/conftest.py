@@ -11,8 +11,26 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# The shared data beside the checkout; EMBINDEX_SHARED_DATA points elsewhere (the GPU machine gets a copy).
-SHARED_DATA = Path(os.environ.get("EMBINDEX_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def _shared_data() -> Path:
+    """The shared data beside the checkout; EMBINDEX_SHARED_DATA points elsewhere (the GPU machine gets a
+    copy). A clone made elsewhere (a CI scratch folder) finds it beside the repository it was cloned from."""
+    if "EMBINDEX_SHARED_DATA" in os.environ:
+        return Path(os.environ["EMBINDEX_SHARED_DATA"])
+    beside = REPO.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    origin = subprocess.run(["git", "-C", str(REPO), "config", "--get", "remote.origin.url"],
+                            capture_output=True, text=True).stdout.strip()
+    if origin and Path(origin).is_dir():
+        cloned_from = Path(origin).resolve().parent / "shared" / "data"
+        if cloned_from.is_dir():
+            return cloned_from
+    return beside
+
+
+SHARED_DATA = _shared_data()
 IMAGES = SHARED_DATA / "images"
 HOSTILE = SHARED_DATA / "hostile"
 

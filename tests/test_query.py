@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from pipeline.query import Index, QueryError
-from tests.conftest import IMAGES, REPO, run_cli, write_config
+from tests.conftest import HOSTILE, IMAGES, REPO, run_cli, write_config
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_cli_prints_a_table_and_json(indexed: Path) -> None:
 
 
 def test_clear_errors(indexed: Path, tmp_path: Path, tiny_models: Path) -> None:
-    unreadable = run_cli("query", str(indexed), "--image", str(REPO.parent / "shared/data/hostile/zero_bytes.png"))
+    unreadable = run_cli("query", str(indexed), "--image", str(HOSTILE / "zero_bytes.png"))
     assert unreadable.returncode == 2 and "cannot read query image" in unreadable.stderr
     missing = run_cli("query", str(indexed), "--image", str(tmp_path / "nope.jpg"))
     assert missing.returncode == 2 and "no such file" in missing.stderr
