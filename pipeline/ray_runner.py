@@ -127,15 +127,19 @@ def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
 
 def _n_actors(ray: Any, config: Config) -> int:
     settings = config.run.ray
-    if settings.num_gpu_actors != "auto":
-        return settings.num_gpu_actors
     if settings.gpus_per_actor == 0:
-        return 1
+        return 1 if settings.num_gpu_actors == "auto" else settings.num_gpu_actors
     gpus = ray.cluster_resources().get("GPU", 0)
     if gpus < settings.gpus_per_actor:
         raise ConfigError("run.ray.gpus_per_actor: the Ray cluster has no GPU; set run.ray.gpus_per_actor: 0 "
                           "to encode on CPUs, or point run.ray.address at a cluster with GPUs")
-    return int(gpus // settings.gpus_per_actor)
+    if settings.num_gpu_actors == "auto":
+        return int(gpus // settings.gpus_per_actor)
+    if settings.num_gpu_actors * settings.gpus_per_actor > gpus:
+        # Ray would wait for the missing GPUs for ever.
+        raise ConfigError(f"run.ray.num_gpu_actors: {settings.num_gpu_actors} actors of "
+                          f"{settings.gpus_per_actor:g} GPU need more than the cluster's {gpus:g} GPUs")
+    return settings.num_gpu_actors
 
 
 def _actor_pool(ray: Any, n_actors: int, device: str) -> Any:

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.ray_runner import _check_reachable, _require_ray
+from pipeline.ray_runner import _check_reachable, _n_actors, _require_ray
 from pipeline.run import run_index
 from pipeline.sinks.lance import LanceSink
 from pipeline.sinks.parquet import ParquetSink
@@ -185,6 +185,24 @@ def test_no_gpu_in_the_cluster_is_a_config_error(ray_address: str, tmp_path: Pat
                                  ray={**RAY_SECTION, "gpus_per_actor": 1}))
     with pytest.raises(ConfigError, match="run.ray.gpus_per_actor"):
         run_index(config, progress=False)
+
+
+def test_more_gpu_actors_than_gpus_is_a_config_error(tmp_path: Path, tiny_models: Path) -> None:
+    """Ray would wait for ever for GPUs the cluster lacks; the run stops at once naming the key."""
+    class TwoGpuCluster:
+        @staticmethod
+        def cluster_resources() -> dict[str, float]:
+            return {"CPU": 32.0, "GPU": 2.0}
+
+    def actors(**ray: object) -> int:
+        return _n_actors(TwoGpuCluster, load_config(_config(tmp_path, tiny_models / "clip", [str(IMAGES)], "ray",
+                                                           ray={**RAY_SECTION, **ray})))
+
+    assert actors(gpus_per_actor=1, num_gpu_actors="auto") == 2
+    assert actors(gpus_per_actor=0.5, num_gpu_actors="auto") == 4
+    assert actors(gpus_per_actor=1, num_gpu_actors=2) == 2
+    with pytest.raises(ConfigError, match=r"run.ray.num_gpu_actors: 3 actors of 1 GPU need more than the cluster's 2"):
+        actors(gpus_per_actor=1, num_gpu_actors=3)
 
 
 def test_ray_options_are_checked(tmp_path: Path, tiny_models: Path, monkeypatch: pytest.MonkeyPatch) -> None:
