@@ -157,6 +157,8 @@ class RayConfig(_Strict):
     decode_files: int = Field(64, ge=1)  # files per decode task
     num_cpus: int | None = Field(None, ge=1)  # a Ray started here: CPUs it may use (default all)
     object_store_mb: int | None = Field(None, ge=64)  # a Ray started here: its object store
+    # Object store this run's pipeline may fill (decoded images waiting for the actors); None: Ray Data's share.
+    max_queued_mb: int | None = Field(None, ge=64)
 
     @field_validator("num_gpu_actors")
     @classmethod

@@ -171,6 +171,7 @@ class _Tally:
         self.nodes: dict[str, dict[str, float]] = {}
         self.gpus: dict[str, dict[str, Any]] = {}
         self.actor_load_s = 0.0
+        self.first_ready_at = float("inf")  # wall clock: when the first actor had loaded and warmed up
         self.device = ""
 
     def add(self, batch: dict[str, np.ndarray]) -> None:
@@ -189,6 +190,7 @@ class _Tally:
             self.nodes[worker.split("/")[0]]["encoded"] += int(batch["encoded"][index])
         if len(batch["actor_load_s"]):
             self.actor_load_s = max(self.actor_load_s, float(batch["actor_load_s"].max()))
+            self.first_ready_at = min(self.first_ready_at, float(batch["ready_at"].min()))
             self.device = str(batch["device"][0])
 
     def report(self, embed_s: float) -> dict[str, Any]:
@@ -288,7 +290,7 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
         run_key = uuid.uuid4().hex  # names this run's marks of started blocks in Ray's key-value store
         # The local runner's test hook (pipeline.workers) reaches Ray's decode workers too.
         fault = os.environ.get("EMBINDEX_FAULT")
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         first_s = None
         dataset = (
             ray.data.from_arrow(blocks)
@@ -304,6 +306,10 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
                          num_cpus=settings.actor_cpus,
                          fn_constructor_kwargs={"encoder_config": _encoder_settings(config)})
         )
+        if settings.max_queued_mb is not None:  # else decoding may run far ahead of the GPUs on a big store
+            options = dataset.context.execution_options  # this dataset's own copy of the context
+            options.resource_limits = options.resource_limits.copy(
+                object_store_memory=settings.max_queued_mb * 1024 * 1024)
         bar = progress_bar(plan.pending.num_rows, show)
         try:
             waited = time.perf_counter()
@@ -324,8 +330,11 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
         total_s = time.perf_counter() - started
         resources = ray.cluster_resources()
         n_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    # As in the local runner, embed_s leaves out loading the model (the actors load it in parallel).
-    embed_s = max(total_s - tally.actor_load_s, 1e-9)
+    # As in the local runner, embed_s starts once a model is loaded and warmed up: here when the first actor
+    # is (Ray starts the actors' processes, imports, loads and warms up while the decode tasks run). The
+    # actors' clocks are other machines' on a cluster: clamped to the run should they disagree.
+    actor_start_s = min(max(tally.first_ready_at - started_at, 0.0), total_s)
+    embed_s = max(total_s - actor_start_s, 1e-9)
     driver.timer.encode_s = sum(entry["encode_s"] for entry in tally.gpus.values())
     gpus = tally.report(embed_s)
     fields: dict[str, Any] = {
@@ -339,10 +348,11 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
         "ray": {"address": settings.address or "local", "nodes": n_nodes, "cpus": resources.get("CPU", 0),
                 "gpus": resources.get("GPU", 0), "embed_actors": n_actors, "gpus_per_actor": settings.gpus_per_actor,
                 "decode_cpus": settings.decode_cpus, "decode_files": settings.decode_files,
-                "total_s": total_s, "first_result_s": first_s, "actor_load_s": tally.actor_load_s, **gpus},
+                "total_s": total_s, "first_result_s": first_s, "actor_start_s": actor_start_s,
+                "actor_load_s": tally.actor_load_s, **gpus},
     }
     identity = {"dim": driver.dim} if driver.dim is not None else {}
-    return RayRun(committer, driver.timer, identity, embed_s, tally.actor_load_s, fields)
+    return RayRun(committer, driver.timer, identity, embed_s, actor_start_s, fields)
 
 
 def _first_line(exc: BaseException) -> str:

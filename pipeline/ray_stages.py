@@ -143,9 +143,12 @@ class EmbedActor:
 
         from pipeline.config import EncoderConfig
         from pipeline.encoders import load_encoder
+        from pipeline.layout import warm_up
 
         self.encoder = load_encoder(EncoderConfig(**encoder_config))
         self.cuda = self.encoder.device.type == "cuda"
+        if self.cuda:  # as in the local runner: CUDA's set-up and the kernels' choice are loading's cost
+            warm_up(self.encoder, encoder_config["batch_size"])
         gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         self.label = f"{node_label()}/gpu{','.join(gpus)}" if gpus else f"{node_label()}/cpu-{os.getpid()}"
         self.gpu_name = torch.cuda.get_device_name(self.encoder.device) if self.cuda else ""
@@ -153,6 +156,8 @@ class EmbedActor:
         # forward runs. Each thread copies into its own pinned buffer, so its host-to-device copy is async.
         self._local = threading.local()
         self.load_s = time.perf_counter() - started
+        # Wall clock, for the driver: its embedding phase starts when the first actor can embed.
+        self.ready_at = time.time()
 
     def _staged(self, pixels: np.ndarray) -> Any:
         import torch
@@ -189,4 +194,5 @@ class EmbedActor:
                 "encode_s": np.full(n, encode_s / n if n else 0.0),
                 "vram_allocated_mb": np.full(n, allocated), "vram_reserved_mb": np.full(n, reserved),
                 "gpu_name": np.array([self.gpu_name] * n, dtype=object), "actor_load_s": np.full(n, self.load_s),
+                "ready_at": np.full(n, self.ready_at),
                 "device": np.array([str(self.encoder.device)] * n, dtype=object)}

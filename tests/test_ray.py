@@ -123,6 +123,11 @@ def test_ray_runner_writes_the_local_runners_rows(ray_address: str, tmp_path: Pa
     nodes, gpus = report["ray"]["per_node"], report["ray"]["per_gpu"]
     assert sum(n["decoded"] for n in nodes.values()) == 425 and sum(n["encoded"] for n in nodes.values()) == 417
     assert sum(g["images"] for g in gpus.values()) == 417 and all(g["images_per_s"] > 0 for g in gpus.values())
+    # The embedding phase starts when the first actor has loaded its model, as the local runner's does.
+    ray = report["ray"]
+    assert 0 < ray["actor_start_s"] <= ray["first_result_s"] <= ray["total_s"]
+    assert report["embed_s"] == pytest.approx(ray["total_s"] - ray["actor_start_s"])
+    assert report["model_load_s"] >= ray["actor_start_s"] >= ray["actor_load_s"]
     markdown = (on_ray.report_dir / "report.md").read_text()
     assert "| Node | Decoded |" in markdown and next(iter(gpus)) in markdown
 
