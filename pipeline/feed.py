@@ -27,6 +27,9 @@ READY_BATCHES = 2
 # small ones waste the model (ViT-B/16 runs ~3x fewer images/s at batch 32 than at 256). It goes out
 # early only when no JPEG arrived for this long (the workers are busy decoding, or the end is near).
 BATCH_GAP_S = 0.01
+# Source pixels queued for the GPU decoder, and per batch: two decode chunks (~50 ms of nvJPEG). Large
+# files make short queues (12 MP: ~33 files, not 512), so the workers do not idle at the end.
+QUEUE_PIXELS = 2 * DECODE_PIXELS
 _DONE = object()
 
 
@@ -45,17 +48,17 @@ class Feed:
         self._ready = threading.BoundedSemaphore(READY_BATCHES)
         self._lock = threading.Lock()
         self._outstanding = 0  # JPEGs handed to the GPU path and not yet decoded or rejected
-        self._outstanding_pixels = 0  # their source pixels
+        self._queued = self._queued_pixels = 0  # of those, not yet taken into a batch; their source pixels
 
-    def _count(self, files: int, pixels: int) -> None:
+    def _count(self, outstanding: int, queued: int, pixels: int) -> None:
         with self._lock:
-            self._outstanding += files
-            self._outstanding_pixels += pixels
-            # More than two batches waiting, or more pixels than four decode chunks (~0.1 s of nvJPEG), and
-            # the GPU is behind: let the workers decode on the CPU. The pixel bound keeps the queue short
-            # where each file is slow (12 MP: 66 files, not 512, so the workers do not idle at the end).
-            self.pool.gpu_room.value = (self._outstanding < 2 * self.gpu_batch
-                                        and self._outstanding_pixels < 4 * DECODE_PIXELS)
+            self._outstanding += outstanding
+            self._queued += queued
+            self._queued_pixels += pixels
+            # The queue counts, not the batch in the decoder: the next batch fills while this one decodes,
+            # so nvJPEG never waits for the workers to switch back. More than two batches of files or
+            # QUEUE_PIXELS waiting: the GPU is behind, and the workers decode on the CPU instead.
+            self.pool.gpu_room.value = self._queued < 2 * self.gpu_batch and self._queued_pixels < QUEUE_PIXELS
 
     def _items(self, items: Iterator[Item]) -> Iterator[Item | None]:
         """Rejected JPEGs first, then the source; None tells the pool 'nothing right now'."""
@@ -81,7 +84,7 @@ class Feed:
         try:
             for result in self.pool.imap(self._items(items), consumer_thread=True):
                 if result.jpeg is not None:
-                    self._count(+1, result.width * result.height)
+                    self._count(+1, +1, result.width * result.height)
                     self._jpegs.put(result)
                 else:
                     self._out.put(result)
@@ -91,7 +94,13 @@ class Feed:
             self._jpegs.put(_DONE)
             self._out.put(_DONE)
 
+    def _take(self, item: DecodeResult) -> int:
+        pixels = item.width * item.height
+        self._count(0, -1, -pixels)
+        return pixels
+
     def _next_batch(self) -> tuple[list[DecodeResult], bool]:
+        """Up to gpu_batch files or QUEUE_PIXELS source pixels; the end of the stream says so."""
         batch: list[DecodeResult] = []
         started = time.perf_counter()
         first = self._jpegs.get()
@@ -99,7 +108,8 @@ class Feed:
         if first is _DONE:
             return batch, True
         batch.append(first)
-        while len(batch) < self.gpu_batch:
+        pixels = self._take(first)
+        while len(batch) < self.gpu_batch and pixels < QUEUE_PIXELS:
             try:
                 item = self._jpegs.get(timeout=BATCH_GAP_S)
             except queue.Empty:
@@ -107,6 +117,7 @@ class Feed:
             if item is _DONE:
                 return batch, True
             batch.append(item)
+            pixels += self._take(item)
         return batch, False
 
     def _run_gpu(self) -> None:
@@ -140,7 +151,7 @@ class Feed:
             self._ready.acquire()  # released when the encode stage takes the batch
             self.stats["ready_wait_s"] += time.perf_counter() - waited
             self._out.put(GpuBatch(items, pixels, ready, time.perf_counter() - started))
-        self._count(-len(batch), -sum(r.width * r.height for r in batch))
+        self._count(-len(batch), 0, 0)
 
     def stream(self, items: Iterator[Item]) -> Iterator[DecodeResult | GpuBatch]:
         threads = [threading.Thread(target=self._run_workers, args=(iter(items),), name="decode-feed", daemon=True),
