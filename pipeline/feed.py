@@ -27,8 +27,8 @@ READY_BATCHES = 2
 # small ones waste the model (ViT-B/16 runs ~3x fewer images/s at batch 32 than at 256). It goes out
 # early only when no JPEG arrived for this long (the workers are busy decoding, or the end is near).
 BATCH_GAP_S = 0.01
-# Source pixels queued for the GPU decoder, and per batch: two decode chunks (~50 ms of nvJPEG). Large
-# files make short queues (12 MP: ~33 files, not 512), so the workers do not idle at the end.
+# Source pixels queued for the GPU decoder, and per batch: two decode chunks (~0.1 s of nvJPEG). Large
+# files make short queues (12 MP: ~66 files, not 512), so the workers do not idle at the end.
 QUEUE_PIXELS = 2 * DECODE_PIXELS
 _DONE = object()
 

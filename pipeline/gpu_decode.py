@@ -15,7 +15,10 @@ from pipeline.jpeg_probe import GPU_MODES, probe_jpeg  # noqa: F401 - re-exporte
 log = logging.getLogger(__name__)
 
 MAX_BICUBIC_FACTOR = 3.0
-DECODE_PIXELS = 200_000_000  # source pixels decoded at once (~600 MB of RGB): ~1,000 ImageNet photos, 16 of 12 MP
+# Source pixels decoded at once (~1.2 GB of RGB): ~2,000 ImageNet photos (gpu_batch bounds those first), 33 of
+# 12 MP. Larger chunks keep the hardware decoders busier: 12 MP end to end on an H100 went from 878 to 1,033
+# images/s with 400 MP instead of 200 (800 MP: no better; docs/benchmarks.md).
+DECODE_PIXELS = 400_000_000
 
 
 def pixel_chunks(files: list[JpegFile], budget: int) -> list[list[JpegFile]]:
