@@ -175,7 +175,8 @@ def format_markdown(report: dict[str, Any]) -> str:
 def ray_tables(ray: dict[str, Any]) -> list[str]:
     """Per-node and per-GPU throughput of a Ray run (images per second of the embedding phase)."""
     lines = ["", f"Ray: {ray['nodes']} node(s), {ray['embed_actors']} embed actor(s), {ray['cpus']:g} CPUs, "
-                 f"{ray['gpus']:g} GPUs ({ray['address']})", "",
+                 f"{ray['gpus']:g} GPUs ({ray['address']}); the first actor ready {ray['actor_start_s']:.1f} s "
+                 f"after the pipeline's start ({ray['actor_load_s']:.1f} s of it loading and warming up)", "",
              "| Node | Decoded | Decoded/s | Decode CPU s | Encoded | Encoded/s |", "|---|---|---|---|---|---|"]
     lines += [f"| {node} | {n['decoded']} | {n['decoded_per_s']:.1f} | {n['decode_s']:.1f} | {n['encoded']} "
               f"| {n['encoded_per_s']:.1f} |" for node, n in ray["per_node"].items()]

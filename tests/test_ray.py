@@ -130,6 +130,7 @@ def test_ray_runner_writes_the_local_runners_rows(ray_address: str, tmp_path: Pa
     assert report["model_load_s"] >= ray["actor_start_s"] >= ray["actor_load_s"]
     markdown = (on_ray.report_dir / "report.md").read_text()
     assert "| Node | Decoded |" in markdown and next(iter(gpus)) in markdown
+    assert f"the first actor ready {ray['actor_start_s']:.1f} s after the pipeline's start" in markdown
 
 
 def test_a_killed_ray_worker_loses_nothing(ray_address: str, tmp_path: Path, tiny_models: Path,
