@@ -2,15 +2,17 @@
 
 On a 2-GPU machine, from the repository root (Ray from carried wheels: scripts/pack_ray_wheels.sh):
 
-    python3 scripts/bench_ray.py --synth 40000 --work /tmp/bench-ray --out "$OUT"
+    python3 scripts/bench_ray.py --synth 40000 --runs local,ray-1gpu,ray-2gpu,ray-1gpu-q1024,ray-2gpu-q1024 \
+        --work /tmp/bench-ray --out "$OUT"
 
 Builds full-size random-init CLIP ViT-L/14 (make_full_size_models.py) and a corpus (--synth N photo-like
 JPEGs of ImageNet size, or --images DIR --copies K distinct re-encodes of real photos), then runs
-`embindex run` three times into fresh Parquet datasets: the local runner, the Ray runner with one GPU
-actor, and with two. Each run must write exactly one row per file. Writes bench_ray.json and
-bench_ray.md (the table and the two ratios the issue asks for: Ray 2 GPUs / Ray 1 GPU >= 1.8,
-Ray 1 GPU / local >= 0.9) to --out. `--device cpu --model tiny-models/clip` runs the same steps on a
-CPU machine (CPU actors; the ratios then mean nothing).
+`embindex run` once per kind in --runs (--rounds times over), each into a fresh Parquet dataset: the
+local runner, the Ray runner with N GPU actors, optionally with run.ray.max_queued_mb (-q<MB>). Each run
+must write exactly one row per file. Writes bench_ray.json and bench_ray.md (the table, and the ratios
+the issue asks for: Ray 2 GPUs / Ray 1 GPU >= 1.8, Ray 1 GPU / local >= 0.9, from each kind's median)
+to --out. `--device cpu --model tiny-models/clip` runs the same steps on a CPU machine (CPU actors; the
+ratios then mean nothing).
 """
 
 from __future__ import annotations
