@@ -56,7 +56,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     config_path = work / "c.yaml"
     config_path.write_text(yaml.safe_dump({
-        "input": {"root": args.images}, "decode": {"workers": args.workers, "device": "cuda"},
+        "input": {"root": str(Path(args.images).resolve())}, "decode": {"workers": args.workers, "device": "cuda"},
         "encoder": {"model": str(Path(args.model).resolve()), "device": "cpu", "batch_size": 256},
         "output": {"lancedb": None, "parquet": {"dir": str(work / "emb")}},
         "run": {"report_dir": str(work / "runs"), "shard_size": 8192}}))
