@@ -17,9 +17,8 @@ import click
 # growable segments keep reserved memory near what is allocated (set before torch starts CUDA).
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
-from pipeline.config import Config, ConfigError, load_config
-from pipeline.errors import ModelLoadError
-from pipeline.exitcodes import EXIT_FAILED, EXIT_LOCKED, EXIT_USAGE
+from pipeline.config import Config, load_config
+from pipeline.errors import EXIT_FAILED, EXIT_LOCKED, EXIT_USAGE, ConfigError, ModelLoadError
 
 log = logging.getLogger("embindex")
 
@@ -33,7 +32,7 @@ def _fail(message: str, code: int) -> NoReturn:
 def _exit_codes(config_prefix: str = "config error: ") -> Iterator[None]:
     """The failures every command can meet: one line on stderr and the SPEC's exit code (2 bad config,
     3 index locked, 1 model not loadable). Anything else is a bug and keeps its traceback."""
-    from pipeline.lock import LockHeld
+    from pipeline.index.lock import LockHeld
 
     try:
         yield
@@ -84,7 +83,7 @@ def run(config_path: str, overrides: tuple[str, ...], rebuild: bool, retry_error
         config.run.ray.address = address
     if runner is not None or address is not None:
         config.run.runner = runner or "ray"
-    from pipeline.run import run_index
+    from pipeline.runners.local import run_index
 
     try:
         with _exit_codes():
@@ -131,7 +130,7 @@ def query(config_path: str, text: str | None, image_path: str | None, k: int, wh
         click.echo("embindex: give exactly one of --text or --image", err=True)
         sys.exit(EXIT_USAGE)
     config = _load(config_path, overrides)
-    from pipeline.query import Index, QueryError
+    from pipeline.search.query import Index, QueryError
 
     try:
         with _exit_codes():
@@ -189,7 +188,7 @@ def bench(config_path: str, batch_sizes: str, limit: int | None, out_dir: str | 
     except ValueError:
         click.echo(f"embindex: --batch-sizes: expected whole numbers >= 1 like 1,4,8 (got {batch_sizes!r})", err=True)
         sys.exit(EXIT_USAGE)
-    from pipeline.bench import format_table, sweep, write_outputs
+    from pipeline.tools.bench import format_table, sweep, write_outputs
 
     folder = Path(out_dir) if out_dir else Path(config.run.report_dir) / "bench"
     with _exit_codes():
@@ -215,7 +214,7 @@ def synth(out_dir: str, count: int, width_mean: float, width_stddev: float, heig
     """Write COUNT synthetic photo-like images of normally distributed sizes, for benchmarks."""
     import time
 
-    from pipeline.synth import SynthSpec, write_corpus
+    from pipeline.tools.synth import SynthSpec, write_corpus
 
     started = time.perf_counter()
     spec = SynthSpec(count, width_mean, width_stddev, height_mean, height_stddev, image_format, seed)
@@ -229,7 +228,7 @@ def synth(out_dir: str, count: int, width_mean: float, width_stddev: float, heig
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run.")
 def history(config_path: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """List the runs that changed the index (oldest first)."""
-    from pipeline.history import list_history
+    from pipeline.index.history import list_history
 
     config = _load(config_path, overrides)
     with _exit_codes(config_prefix=""):
@@ -256,7 +255,7 @@ def _dash(value: object) -> str:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
 def rollback(config_path: str, run_id: str, overrides: tuple[str, ...]) -> None:
     """Restore the index to the end of RUN_ID (see `embindex history`)."""
-    from pipeline.history import rollback as restore
+    from pipeline.index.history import rollback as restore
 
     config = _load(config_path, overrides)
     with _exit_codes(config_prefix=""):

@@ -9,14 +9,25 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from pipeline.errors import ConfigError
+
 DEFAULT_EXTENSIONS = ["jpg", "jpeg", "png", "bmp", "gif", "tif", "tiff", "webp"]
 # encoder.quality presets for dynamic-resolution models: (min_pixels, max_pixels), 28x28 pixels a token.
 QUALITY_PIXELS = {name: (low * 28 * 28, high * 28 * 28) for name, (low, high) in
                   {"fast": (128, 256), "balanced": (256, 512), "high": (256, 768), "ultra": (256, 1024)}.items()}
 
 
-class ConfigError(Exception):
-    """A bad config: the message names the key and the problem."""
+def parse_pyramid(levels: object) -> list[tuple[int, int]]:
+    """[[1, 1], [3, 3], [5, 5]] -> [(1, 1), (3, 3), (5, 5)]; ValueError says what is wrong."""
+    if not isinstance(levels, (list, tuple)) or not levels:
+        raise ValueError("pyramid must be a non-empty list of [rows, cols] grids, e.g. [[1, 1], [3, 3]]")
+    grids = []
+    for grid in levels:
+        if (not isinstance(grid, (list, tuple)) or len(grid) != 2
+                or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 16 for n in grid)):
+            raise ValueError(f"pyramid grid {grid!r}: expected [rows, cols], each an integer from 1 to 16")
+        grids.append((int(grid[0]), int(grid[1])))
+    return grids
 
 
 class _Strict(BaseModel):
@@ -116,8 +127,6 @@ class EncoderConfig(_Strict):
     @field_validator("pyramid")
     @classmethod
     def _valid_pyramid(cls, value: Any) -> Any:
-        from pipeline.pyramid import parse_pyramid
-
         if value is not None:
             parse_pyramid(value)  # ValueError names the bad grid
         return value

@@ -43,7 +43,7 @@ def build_corpus(args: argparse.Namespace, folder: Path) -> int:
         from gpu_report_check import build_corpus as copies_of
 
         return copies_of(args.images, args.copies, folder)
-    from pipeline.synth import SynthSpec, write_corpus
+    from pipeline.tools.synth import SynthSpec, write_corpus
 
     # ImageNet-like sizes (the shared photos are mostly ~500x375).
     return write_corpus(folder, SynthSpec(args.synth, 500, 60, 375, 45, "jpeg", seed=8))

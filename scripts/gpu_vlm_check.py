@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from pipeline.config import EncoderConfig
-from pipeline.decode import smart_resize
-from pipeline.encoders import load_encoder
-from pipeline.encoders.varlen import ATTENTION_NAME, set_vision_attention
+from pipeline.decode.spec import smart_resize
+from pipeline.encode.models.load import load_encoder
+from pipeline.encode.models.varlen import ATTENTION_NAME, set_vision_attention
 
 # Page and photo shapes (width, height) whose smart-resized sizes all differ.
 SHAPES = [(2480, 3508), (3508, 2480), (4000, 3000), (3000, 4000), (1920, 1080), (1080, 1920), (1000, 1000),

@@ -123,7 +123,7 @@ def qwen2_5_vl_config(size: str) -> Qwen2_5_VLConfig:
 def write_retrieval_model(name: str, out_dir: Path, device: str) -> None:
     """A merged ColQwen2.5 (ColNomic) or BiQwen2.5 (Nomic) checkpoint, bfloat16, random weights, loadable by
     `encoder.model: out_dir` (its kind is detected from `architectures`)."""
-    from pipeline.encoders.colqwen2_5 import BiQwen2_5Model, ColQwen2_5Model
+    from pipeline.encode.models.colqwen2_5 import BiQwen2_5Model, ColQwen2_5Model
 
     size, architecture = RETRIEVAL_MODELS[name]
     config = qwen2_5_vl_config(size)

@@ -20,10 +20,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import pipeline.decode_setup as decode_setup  # noqa: E402
-import pipeline.run as run  # noqa: E402
+import pipeline.decode.setup as decode_setup  # noqa: E402
+import pipeline.runners.local as run  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.encoders import load_encoder  # noqa: E402
+from pipeline.encode.models.load import load_encoder  # noqa: E402
 
 
 class StandInDecoder:

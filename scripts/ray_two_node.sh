@@ -81,8 +81,8 @@ import glob, json, sys
 from pathlib import Path
 
 import numpy as np
-from pipeline.sinks.lance import LanceSink
-from pipeline.sinks.parquet import ParquetSink
+from pipeline.index.sinks.lance import LanceSink
+from pipeline.index.sinks.parquet import ParquetSink
 
 work = Path(sys.argv[1])
 tables = {r: LanceSink(str(work / f"{r}-index"), "images").read("images").sort_by("path") for r in ("ray", "local")}

@@ -18,7 +18,8 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pipeline.decode import InputSpec, decode_bytes  # noqa: E402 - the repository's own decode
+from pipeline.decode.image import decode_bytes
+from pipeline.decode.spec import InputSpec  # noqa: E402 - the repository's own decode
 
 SPEC = InputSpec("shortest_edge", (224, 224), (224, 224))  # CLIP's
 

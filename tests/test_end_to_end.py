@@ -169,7 +169,7 @@ def test_error_rate_over_the_limit_exits_4(tmp_path: Path, tiny_models: Path) ->
 
 
 def test_second_concurrent_run_exits_3(tmp_path: Path, tiny_models: Path) -> None:
-    from pipeline.lock import IndexLock
+    from pipeline.index.lock import IndexLock
 
     config = write_config(tmp_path, str(HOSTILE), str(tiny_models / "clip"))
     with IndexLock(str(tmp_path / "index")):

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.encoders.base import Encoder
+from pipeline.encode.models.base import Encoder
 from pipeline.serve.batching import Batcher
 from pipeline.serve.errors import ApiError
 from pipeline.serve.images import Decoded, DecodeWorkers, Failed

@@ -1,9 +1,8 @@
-"""Dynamic batching: the images (or texts) of concurrent requests share GPU batches, formed within a few ms.
+"""Dynamic batching: the images (or texts) of concurrent requests share GPU batches, formed within a few ms."""
 
-Requests put jobs on one queue; a single thread owns the encoder, takes what is queued (waiting at most
-`window_s` after the first item for a batch to fill), runs one forward pass and hands each request its rows.
-A request larger than a batch spans several.
-"""
+# Requests put jobs on one queue; a single thread owns the encoder, takes what is queued (waiting at most
+# `window_s` after the first item for a batch to fill), runs one forward pass and hands each request its rows.
+# A request larger than a batch spans several.
 
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.encoders.base import Encoder
+from pipeline.encode.models.base import Encoder
 
 log = logging.getLogger(__name__)
 

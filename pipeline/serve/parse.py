@@ -6,7 +6,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.pyramid import parse_pyramid, tile_count
+from pipeline.config import parse_pyramid
+from pipeline.decode.tiles import tile_count
 from pipeline.serve.errors import ApiError
 
 REQUEST_TYPES = ("query", "passage", "bulk_image", "bulk_text")

@@ -7,14 +7,16 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError
-from pipeline.encoders import describe_model, load_encoder
+from pipeline.config import Config
+from pipeline.decode.setup import usable_cores
+from pipeline.encode.models.load import load_encoder
+from pipeline.encode.models.source import describe_model
+from pipeline.errors import ConfigError
 from pipeline.serve.app import ServerState, create_app
 from pipeline.serve.batching import Batcher
 from pipeline.serve.images import DecodeWorkers
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.parse import Limits
-from pipeline.workers import usable_cores
 
 log = logging.getLogger(__name__)
 

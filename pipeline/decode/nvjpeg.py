@@ -1,0 +1,195 @@
+"""JPEG decoding on the GPU: batched nvJPEG (torchvision), EXIF orientation, resize and crop on the device."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.decode.spec import InputSpec, resized_size
+
+log = logging.getLogger(__name__)
+
+MAX_BICUBIC_FACTOR = 3.0
+# Source pixels decoded at once (~1.2 GB of RGB): ~2,000 ImageNet photos (gpu_batch bounds those first), 33 of
+# 12 MP. Larger chunks keep the hardware decoders busier: 12 MP end to end on an H100 went from 878 to 1,033
+# images/s with 400 MP instead of 200 (800 MP: no better; docs/benchmarks.md).
+DECODE_PIXELS = 400_000_000
+
+
+def pixel_chunks(files: list[JpegFile], budget: int) -> list[list[JpegFile]]:
+    """Consecutive chunks of files whose pixel counts sum to at most `budget` (a lone larger file is alone)."""
+    chunks: list[list[JpegFile]] = []
+    total = budget + 1
+    for file in files:
+        pixels = file.width * file.height
+        if total + pixels > budget:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(file)
+        total += pixels
+    return chunks
+
+
+def gpu_jpeg_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401 - optional: the GPU extra
+    except (ImportError, RuntimeError, OSError):
+        return False
+    return True
+
+
+@dataclass
+class JpegFile:
+    key: Any
+    path: str
+    data: bytes | bytearray
+    content_hash: str
+    width: int = 0  # after EXIF orientation, as stored in the table
+    height: int = 0
+    orientation: int = 1
+
+
+@dataclass
+class GpuBatch:
+    """Decoded, resized pixels on the device (B, H, W, 3) uint8, ready for encode_images."""
+
+    items: list[Any]  # DecodeResult-like records (key, width, height, content_hash)
+    pixels: torch.Tensor
+    ready: torch.cuda.Event | None = None
+    decode_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Apply an EXIF orientation to a (C, H, W) tensor, as PIL's exif_transpose does."""
+    if orientation == 2:
+        return chw.flip(-1)
+    if orientation == 3:
+        return chw.flip(-1).flip(-2)
+    if orientation == 4:
+        return chw.flip(-2)
+    if orientation == 5:
+        return chw.transpose(-1, -2)
+    if orientation == 6:
+        return chw.transpose(-1, -2).flip(-1)
+    if orientation == 7:
+        return chw.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return chw.transpose(-1, -2).flip(-2)
+    return chw
+
+
+def resize_and_crop(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (3, H, W) or (N, 3, H, W) of one size -> uint8 (..., 3, h, w) with the processor's resize
+    and center crop. Antialiased bicubic on the device follows PIL's filter closely (cosine >= 0.99)."""
+    if chw.dim() == 3:
+        return to_uint8(resized_float(chw[None], spec))[0]
+    return to_uint8(resized_float(chw, spec))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_(0, 255).round_().to(torch.uint8)
+
+
+def resized_float(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    """uint8 (N, 3, H, W) of one size -> float (N, 3, h, w), resized and cropped, not yet rounded."""
+    height, width = chw.shape[-2:]
+    new_w, new_h = resized_size(width, height, spec)
+    factor = min(height / new_h, width / new_w)
+    if factor > MAX_BICUBIC_FACTOR:
+        # The antialiased bicubic kernel runs out of shared memory past ~4x (a 12 MP photo to 224 is
+        # ~13x): average down to twice the target first, as JPEG draft mode does on the CPU path.
+        x = F.interpolate(chw.half(), size=(2 * new_h, 2 * new_w), mode="area").float()
+    else:
+        x = chw.float()
+    if spec.crop is None:
+        out = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+    else:
+        crop_h, crop_w = spec.crop
+        top, left = max(0, (new_h - crop_h) // 2), max(0, (new_w - crop_w) // 2)
+        out = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+        out = out[..., top:top + crop_h, left:left + crop_w]
+        if out.shape[-2:] != (crop_h, crop_w):  # smaller than the crop: pad like HF (zeros, centered)
+            pad_h, pad_w = crop_h - out.shape[-2], crop_w - out.shape[-1]
+            out = F.pad(out, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+    return out
+
+
+class GpuJpegDecoder:
+    """Decodes batches of JPEG bytes with nvJPEG on its own CUDA stream."""
+
+    def __init__(self, spec: InputSpec, device: torch.device) -> None:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        self._decode_jpeg, self._rgb = decode_jpeg, ImageReadMode.RGB
+        self.spec, self.device = spec, device
+        # High priority: its resize kernels go ahead of a forward pass already queued, not after it.
+        self.stream = torch.cuda.Stream(device=device, priority=-1)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """nvJPEG creates its decoder (hardware engines, buffers) on the first call: make it now."""
+        import io
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 48), (90, 120, 150)).save(buffer, "JPEG")
+        self.decode([JpegFile(None, "", buffer.getvalue(), "", 64, 48)])
+
+    def _decode(self, files: list[JpegFile]) -> tuple[list[torch.Tensor], list[JpegFile], list[JpegFile]]:
+        # A bytearray (the feed's) is wrapped as it is; bytes are read-only to torch, so they are copied.
+        tensors = [torch.frombuffer(f.data if isinstance(f.data, bytearray) else bytearray(f.data), dtype=torch.uint8)
+                   for f in files]
+        try:
+            return self._decode_jpeg(tensors, mode=self._rgb, device=self.device), files, []
+        except RuntimeError:
+            # One bad file fails the whole batch: find it, keep the rest.
+            decoded, good, bad = [], [], []
+            for tensor, file in zip(tensors, files):
+                try:
+                    decoded.append(self._decode_jpeg(tensor, mode=self._rgb, device=self.device))
+                    good.append(file)
+                except RuntimeError:
+                    bad.append(file)
+            return decoded, good, bad
+
+    def decode(self, files: list[JpegFile]) -> tuple[torch.Tensor | None, list[JpegFile], list[JpegFile], Any]:
+        """-> (pixels (B, H, W, 3) on the device, decoded files, files for the CPU, ready event).
+
+        Files are decoded in chunks of at most DECODE_PIXELS source pixels: 256 decoded 12 MP photos
+        held 43.8 GB at once; the resized outputs of all chunks share one batch."""
+        with torch.cuda.stream(self.stream):
+            outputs, good, bad = [], [], []
+            for chunk in pixel_chunks(files, DECODE_PIXELS):
+                images, decoded, rejected = self._decode(chunk)
+                bad.extend(rejected)
+                if not decoded:
+                    continue
+                # One resize per (size, orientation) group: camera folders hold few distinct sizes, and
+                # a few large kernels beat hundreds of small ones launched from a Python thread that
+                # competes for the GIL with the workers' feed and the main thread. The batch comes out
+                # in group order (no index tensor to copy to the device).
+                groups: dict[tuple[Any, ...], list[int]] = {}
+                for index, (image, file) in enumerate(zip(images, decoded)):
+                    groups.setdefault((*image.shape, file.orientation), []).append(index)
+                # Rounded to uint8 once for the whole batch: fewer kernel launches per group.
+                for (*_, orientation), indices in groups.items():
+                    group = [images[i] for i in indices]
+                    stacked = group[0][None] if len(group) == 1 else torch.stack(group)
+                    outputs.append(resized_float(orient(stacked, orientation), self.spec))
+                    good.extend(decoded[i] for i in indices)
+                del images
+            if not good:
+                return None, [], bad, None
+            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+            pixels = to_uint8(out).permute(0, 2, 3, 1).contiguous()
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        return pixels, good, bad, ready

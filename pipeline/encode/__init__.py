@@ -1,0 +1,1 @@
+"""Encode: decoded batches -> vectors; models/ holds the model families."""

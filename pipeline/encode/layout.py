@@ -1,0 +1,92 @@
+"""What a run stores per image for its encoder: the row schema, extra columns, and which encode stage feeds it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+
+from pipeline.config import EncoderConfig
+from pipeline.decode.spec import resized_size
+from pipeline.decode.tiles import pyramid_tiles
+from pipeline.errors import ConfigError
+from pipeline.index.schema import FLOAT16, FLOAT32, TILE_TYPE, images_schema
+from pipeline.records import DecodeResult
+
+# Late-interaction rows hold hundreds of vectors per image: half precision halves the table, and
+# MaxSim scores move by ~1e-3 (the ColPali family stores them this way too).
+MULTIVECTOR_TYPE = FLOAT16
+
+
+def wrap_encoder(encoder: Any, config: EncoderConfig) -> Any:
+    """Apply pipeline options that change what an encoder returns (pyramid tiles)."""
+    if not config.pyramid or getattr(encoder, "grids", None) is not None:
+        return encoder
+    from pipeline.encode.pyramid import PyramidEncoder
+
+    if getattr(encoder, "multivector", False) or encoder.input_spec().dynamic:
+        raise ConfigError(f"encoder.pyramid: tiles need a fixed-size single-vector model; {encoder.kind} is not")
+    return PyramidEncoder(encoder, config.pyramid, config.batch_size)
+
+
+def is_grouped(encoder: Any) -> bool:
+    """Encoders that take a list of images of their own sizes (embed_groups) rather than one uint8 batch."""
+    return bool(getattr(encoder, "multivector", False) or encoder.input_spec().dynamic)
+
+
+def row_schema(encoder: Any) -> pa.Schema:
+    extra = dict(encoder.extra_columns()) if hasattr(encoder, "extra_columns") else {}
+    if getattr(encoder, "grids", None) is not None:
+        extra["tiles"] = pa.list_(TILE_TYPE)
+    multivector = bool(getattr(encoder, "multivector", False))
+    return images_schema(encoder.dim, MULTIVECTOR_TYPE if multivector else FLOAT32, multivector, extra)
+
+
+def row_extras(encoder: Any) -> Callable[[DecodeResult], dict[str, Any]] | None:
+    """Per-row values of the extra columns, computed from the original image size (so reused rows get
+    them too without a decode)."""
+    spec = encoder.input_spec()
+    grids = getattr(encoder, "grids", None)
+    has_extras = hasattr(encoder, "extras_for")
+    if grids is None and not has_extras:
+        return None
+
+    def extras(item: DecodeResult) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        if grids is not None:
+            values["tiles"] = [{"level": t.level, "row": t.row, "col": t.col}
+                               for t in pyramid_tiles(item.width, item.height, grids)]
+        if has_extras:
+            width, height = resized_size(item.width, item.height, spec)
+            values.update(encoder.extras_for(height, width))
+        return values
+
+    return extras
+
+
+def vector_sizes(encoder: Any, timer: Any) -> dict[str, Any]:
+    """Report fields: vectors and embedding bytes per encoded image (multi-vector rows vary per image)."""
+    if encoder is None or not timer.images:
+        return {"vectors_per_image": None, "embedding_bytes_per_image": None}
+    multivector = bool(getattr(encoder, "multivector", False))
+    per_image = timer.vectors / timer.images if multivector and timer.vectors else 1.0
+    width = (MULTIVECTOR_TYPE if multivector else FLOAT32).bit_width // 8
+    return {"vectors_per_image": per_image, "embedding_bytes_per_image": per_image * encoder.dim * width}
+
+
+def warm_up(encoder: Any, batch_size: int = 1) -> None:
+    """A forward pass on zeros: the CUDA context and kernel selection are not any batch's cost.
+    Fixed-size encoders take `batch_size` images, so the first real batch finds its kernels chosen."""
+    import torch
+
+    spec = encoder.input_spec()
+    if is_grouped(encoder):
+        if spec.dynamic:
+            shape: tuple[int, ...] = (4 * spec.factor, 4 * spec.factor, 3)
+        else:  # fixed-size multi-vector (ColPali), or pyramid tiles stacked per image
+            shape = (encoder.n_tiles, *spec.output_shape) if spec.tiles else spec.output_shape
+        encoder.encode_image_list([torch.zeros(shape, dtype=torch.uint8)])
+    else:
+        height, width, _ = spec.output_shape
+        encoder.encode_images(torch.zeros((batch_size, height, width, 3), dtype=torch.uint8))

@@ -1,0 +1,1 @@
+"""The index: sinks (LanceDB, Parquet), shard commits, identity, history, the lock, ANN upkeep."""

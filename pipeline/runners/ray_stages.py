@@ -1,0 +1,200 @@
+"""The Ray runner's worker stages: decode tasks on CPUs and the embed actor (one GPU each)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.decode.image import content_hash, decode_file, read_file
+from pipeline.decode.spec import InputSpec
+from pipeline.decode.worker import inject_fault  # the same EMBINDEX_FAULT test hook as the local decode pool
+from pipeline.errors import DecodeError
+
+META_COLUMNS = ("root", "path", "size_bytes", "mtime_ns", "attempts", "was_in")
+KV_NAMESPACE = "embindex"  # Ray's key-value store: which blocks a decode task has started
+
+
+def node_label() -> str:
+    """IP plus a short node id: two Ray nodes may share a machine (and so an IP)."""
+    import ray
+
+    return f"{ray.util.get_node_ip_address()}#{ray.get_runtime_context().get_node_id()[:6]}"
+
+
+@contextmanager
+def _deadline(timeout_s: float) -> Iterator[None]:
+    """Raise DecodeError once a file has taken longer than timeout_s (the local pool kills such a worker).
+    SIGALRM interrupts Python code and PIL between its decode calls; Ray runs tasks on the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise DecodeError(f"timeout: decoding took longer than {timeout_s:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _started_before(key: str) -> bool:
+    """Marks this block as started; True if a task for it started before. Ray runs a task again only
+    when its worker died (Ray Data retries without limit), perhaps killed by a file of this block."""
+    from ray.experimental.internal_kv import _internal_kv_put
+
+    return _internal_kv_put(key, b"1", overwrite=False, namespace=KV_NAMESPACE)
+
+
+class _Decoded:
+    """The per-file outputs of one block. "" stands for none: Ray turns an object column holding
+    only None into floats."""
+
+    def __init__(self, n: int, spec: InputSpec) -> None:
+        height, width, _ = spec.output_shape
+        self.pixels = np.zeros((n, height, width, 3), np.uint8)
+        self.width, self.height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        self.decode_s = np.zeros(n, np.float64)
+        self.hashes, self.errors = [""] * n, [""] * n
+        self.reused = np.zeros(n, np.bool_)
+
+
+def _decode_here(rows: list[dict[str, Any]], out: _Decoded, spec: InputSpec, max_image_pixels: int,
+                 jpeg_draft: bool, timeout_s: float) -> None:
+    """The fast path: decode in this task's own process."""
+    for index, row in enumerate(rows):
+        path = os.path.join(row["root"], *row["path"].split("/"))
+        started = time.perf_counter()
+        try:
+            with _deadline(timeout_s):
+                inject_fault(path)
+                data = read_file(path)
+                out.hashes[index] = digest = content_hash(data)
+                if row["known_hashes"] and digest in row["known_hashes"]:
+                    out.reused[index] = True
+                    continue
+                decoded = decode_file(path, spec, max_image_pixels, jpeg_draft, data=data, digest=digest)
+            out.pixels[index] = decoded.pixels
+            out.width[index], out.height[index] = decoded.width, decoded.height
+        except DecodeError as exc:
+            out.errors[index] = str(exc)
+        finally:
+            out.decode_s[index] = time.perf_counter() - started
+
+
+def _decode_isolated(rows: list[dict[str, Any]], out: _Decoded, spec: InputSpec, max_image_pixels: int,
+                     jpeg_draft: bool, timeout_s: float) -> None:
+    """The second try of a block whose task died: the local runner's one-process decode pool, so a
+    file that kills or hangs its decoder becomes an error row with the local runner's reason."""
+    from pipeline.decode.pool import DecodePool
+
+    items = [(index, os.path.join(row["root"], *row["path"].split("/")),
+              frozenset(row["known_hashes"]) if row["known_hashes"] else None) for index, row in enumerate(rows)]
+    with DecodePool(spec, 1, max_image_pixels, timeout_s, jpeg_draft) as pool:
+        for result in pool.imap(items):
+            index = result.key
+            out.decode_s[index] = result.decode_s
+            if result.error is not None:
+                out.errors[index] = result.error
+                continue
+            out.hashes[index] = result.content_hash
+            if result.reused:
+                out.reused[index] = True
+                continue
+            out.pixels[index] = result.pixels
+            out.width[index], out.height[index] = result.width, result.height
+            pool.release(result.slot)
+
+
+def decode_block(block: pa.Table, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool,
+                 timeout_s: float, run_key: str) -> dict[str, np.ndarray]:
+    """A block of the plan -> the same columns plus pixels (uint8, N x H x W x 3; zeros where there are
+    none), width, height, content_hash, the readable error of a bad file, and `reused` for bytes whose
+    vector the driver already holds (hashed, not decoded)."""
+    rows = block.to_pylist()
+    n = len(rows)
+    out = _Decoded(n, spec)
+    retry = n > 0 and _started_before(f"{run_key}:{rows[0]['root']}/{rows[0]['path']}")
+    (_decode_isolated if retry else _decode_here)(rows, out, spec, max_image_pixels, jpeg_draft, timeout_s)
+    columns = {name: block[name].to_numpy(zero_copy_only=False) for name in META_COLUMNS}
+    columns["was_in"] = np.array([value or "" for value in columns["was_in"]], dtype=object)
+    return {**columns, "pixels": out.pixels, "width": out.width, "height": out.height,
+            "content_hash": np.array(out.hashes, dtype=object), "error": np.array(out.errors, dtype=object),
+            "reused": out.reused, "decode_s": out.decode_s,
+            "decode_node": np.array([node_label()] * n, dtype=object)}
+
+
+class EmbedActor:
+    """Holds one encoder (on the actor's GPU, or the CPU) and embeds the decoded rows of each batch."""
+
+    def __init__(self, encoder_config: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        import ray
+        import torch
+
+        from pipeline.config import EncoderConfig
+        from pipeline.encode.layout import warm_up
+        from pipeline.encode.models.load import load_encoder
+
+        self.encoder = load_encoder(EncoderConfig(**encoder_config))
+        self.cuda = self.encoder.device.type == "cuda"
+        if self.cuda:  # as in the local runner: CUDA's set-up and the kernels' choice are loading's cost
+            warm_up(self.encoder, encoder_config["batch_size"])
+        gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
+        self.label = f"{node_label()}/gpu{','.join(gpus)}" if gpus else f"{node_label()}/cpu-{os.getpid()}"
+        self.gpu_name = torch.cuda.get_device_name(self.encoder.device) if self.cuda else ""
+        # On a GPU two calls run at once (see ray_runner): one copies its batch in while the other's
+        # forward runs. Each thread copies into its own pinned buffer, so its host-to-device copy is async.
+        self._local = threading.local()
+        self.load_s = time.perf_counter() - started
+        # Wall clock, for the driver: its embedding phase starts when the first actor can embed.
+        self.ready_at = time.time()
+
+    def _staged(self, pixels: np.ndarray) -> Any:
+        import torch
+
+        if not self.cuda:
+            return torch.from_numpy(np.ascontiguousarray(pixels))
+        pinned = getattr(self._local, "pinned", None)
+        if pinned is None or pinned.shape[0] < len(pixels):
+            pinned = self._local.pinned = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+        staged = pinned[:len(pixels)]
+        staged.numpy()[:] = pixels  # a plain memcpy: torch's copy_ would wake its CPU thread pool
+        return staged
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        todo = np.flatnonzero((batch["error"] == "") & ~batch["reused"])
+        n = len(batch["path"])
+        started = time.perf_counter()
+        vectors = np.zeros((n, self.encoder.dim), np.float32)
+        if len(todo):
+            encoded = self.encoder.encode_images(self._staged(batch["pixels"][todo]))
+            vectors[todo] = encoded.to("cpu", torch.float32).numpy()
+        encode_s = time.perf_counter() - started
+        out = {name: value for name, value in batch.items() if name != "pixels"}
+        encoded_mask = np.zeros(n, np.bool_)
+        encoded_mask[todo] = True
+        mb = 1024 * 1024
+        allocated = torch.cuda.max_memory_allocated(self.encoder.device) / mb if self.cuda else 0.0
+        reserved = torch.cuda.max_memory_reserved(self.encoder.device) / mb if self.cuda else 0.0
+        # Per-actor figures ride along as columns (the batch's share per row): the driver adds them up.
+        return {**out, "embedding": vectors, "encoded": encoded_mask,
+                "worker": np.array([self.label] * n, dtype=object),
+                "encode_s": np.full(n, encode_s / n if n else 0.0),
+                "vram_allocated_mb": np.full(n, allocated), "vram_reserved_mb": np.full(n, reserved),
+                "gpu_name": np.array([self.gpu_name] * n, dtype=object), "actor_load_s": np.full(n, self.load_s),
+                "ready_at": np.full(n, self.ready_at),
+                "device": np.array([str(self.encoder.device)] * n, dtype=object)}
