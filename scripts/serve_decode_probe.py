@@ -2,7 +2,7 @@
 
     python scripts/serve_decode_probe.py --images DIR [--workers 16] [--copies 48]
 
-Why `embindex serve` decodes in processes: the decode is pipeline.decode's, PIL releases the GIL while it
+Why `embindex serve` decodes in processes: the decode is pipeline.decode.image's, PIL releases the GIL while it
 decodes and resizes, yet the Python around it (base64, header, EXIF, conversions) holds it.
 """
 

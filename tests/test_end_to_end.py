@@ -180,7 +180,7 @@ def test_second_concurrent_run_exits_3(tmp_path: Path, tiny_models: Path) -> Non
 
 def test_lock_of_a_killed_run_does_not_block(tmp_path: Path, tiny_models: Path) -> None:
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.lock import IndexLock; "
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pipeline.index.lock import IndexLock; "
         "IndexLock(sys.argv[2]).acquire(); print('locked', flush=True); time.sleep(60)"),
         str(REPO), str(tmp_path / "index")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"

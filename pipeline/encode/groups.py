@@ -101,7 +101,7 @@ def embed_groups(
     reuse: VectorReuse | None = None,
     pool_factor: int | None = None,
 ) -> Iterator[DecodeResult | Embedded]:
-    """Like embed.embed_stream, for encoders with `encode_image_list` (dynamic resolution, multi-vector
+    """Like stream.embed_stream, for encoders with `encode_image_list` (dynamic resolution, multi-vector
     or pyramid tiles). Single-vector encoders yield (n, dim) arrays, multi-vector ones a list of (n_i, dim)."""
     multivector = bool(getattr(encoder, "multivector", False))
     coder = GroupEncoder(encoder, timer, pool_factor)

@@ -290,7 +290,7 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
         n_actors = _n_actors(ray, config)
         decode_tasks = None if config.decode.workers == "auto" else config.decode.workers
         run_key = uuid.uuid4().hex  # names this run's marks of started blocks in Ray's key-value store
-        # The local runner's test hook (pipeline.workers) reaches Ray's decode workers too.
+        # The local runner's test hook (pipeline.decode.worker) reaches Ray's decode workers too.
         fault = os.environ.get("EMBINDEX_FAULT")
         started, started_at = time.perf_counter(), time.time()
         first_s = None

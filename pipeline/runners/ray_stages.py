@@ -154,7 +154,7 @@ class EmbedActor:
         gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         self.label = f"{node_label()}/gpu{','.join(gpus)}" if gpus else f"{node_label()}/cpu-{os.getpid()}"
         self.gpu_name = torch.cuda.get_device_name(self.encoder.device) if self.cuda else ""
-        # On a GPU two calls run at once (see ray_runner): one copies its batch in while the other's
+        # On a GPU two calls run at once (see ray_driver): one copies its batch in while the other's
         # forward runs. Each thread copies into its own pinned buffer, so its host-to-device copy is async.
         self._local = threading.local()
         self.load_s = time.perf_counter() - started

@@ -70,7 +70,7 @@ def run_server(config: Config, host: str | None = None, port: int | None = None,
     state = build_state(config)
     # The event loop, the decode pool's feeder threads and the encoder thread share one GIL; each torch op
     # releases and re-takes it. Handing it over every 0.5 ms instead of 5 keeps the encoder thread from
-    # waiting behind the others at every op (as pipeline/feed.py does for the GPU decode path).
+    # waiting behind the others at every op (as pipeline/decode/feed.py does for the GPU decode path).
     sys.setswitchinterval(0.0005)
     uvicorn.run(create_app(state), host=host or config.serve.host, port=config.serve.port if port is None else port,
                 access_log=access_log, log_level="info", timeout_graceful_shutdown=10)

@@ -29,7 +29,7 @@ pytest.importorskip("ray.data")
 
 # Ray 2.60 turns on token auth for clusters it starts; a test cluster on loopback needs none.
 TEST_ENV = {"RAY_AUTH_MODE": "disabled"}
-# pipeline.workers' test hook, which the Ray runner forwards to its decode tasks: every decode 20 ms
+# pipeline.decode.worker's test hook, which the Ray runner forwards to its decode tasks: every decode 20 ms
 # longer, so a kill lands while most of the 400 files are in flight; a decoder that dies on one file.
 SLOW = {"EMBINDEX_FAULT": "slow:0.02"}
 CRASH = {"EMBINDEX_FAULT": "crash:plain.bmp"}

@@ -58,7 +58,7 @@ class HFSingleVectorEncoder:
                  device: torch.device, dtype: torch.dtype) -> None:
         self.model = model.eval()
         self.processor, self.tokenizer = processor, tokenizer
-        self.identity = identity  # the fingerprint less the dimension (see encoders.ModelSource)
+        self.identity = identity  # the fingerprint less the dimension (see models.source.ModelSource)
         self.name, self.kind, self.device, self.dtype = identity["model"], identity["kind"], device, dtype
         self._spec = input_spec_from_processor(processor)
         # Normalisation runs on the device: (x * rescale - mean) / std == x * scale + shift

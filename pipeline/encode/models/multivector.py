@@ -149,7 +149,7 @@ class VisionLanguageEncoder:
                  device: torch.device, dtype: torch.dtype) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.identity = identity  # the fingerprint less the dimension (see encoders.ModelSource)
+        self.identity = identity  # the fingerprint less the dimension (see models.source.ModelSource)
         self.name, self.kind, self.device, self.dtype = identity["model"], identity["kind"], device, dtype
         self._spec = spec
 

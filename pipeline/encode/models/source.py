@@ -73,7 +73,7 @@ class ModelSource:
     offline: bool
     smoke_test: bool
     spec: InputSpec | None = None  # vision-language kinds: the input spec (dynamic resolution), else the processor's
-    adapter: Any = None  # a PEFT adapter (encoders.peft_loading.Adapter) applied to its base model
+    adapter: Any = None  # a PEFT adapter (models.peft_loading.Adapter) applied to its base model
     tokenizer_source: str | None = None  # where the tokenizer is (an adapter's base when the adapter has none)
     weights_options: dict[str, Any] = field(default_factory=dict)  # from_pretrained options for the weights
 
@@ -104,7 +104,7 @@ class ModelSource:
 
 def describe_model(config: EncoderConfig) -> ModelSource:
     """Read config.json and the image processor (small files), not the weights."""
-    if config.kind == "http":  # a remote endpoint: nothing to read here (see encoders/http.py)
+    if config.kind == "http":  # a remote endpoint: nothing to read here (see models/http.py)
         from pipeline.encode.models.http import describe_http
 
         return describe_http(config)  # type: ignore[return-value]
