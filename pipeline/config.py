@@ -311,7 +311,8 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
     for index, root in enumerate(config.input.root):
         if not os.path.isdir(root):
             key = "input.root" if len(config.input.root) == 1 else f"input.root[{index}]"
-            raise ConfigError(f"{key}: folder does not exist: {root}")
+            problem = "is a file, not a folder" if os.path.exists(root) else "folder does not exist"
+            raise ConfigError(f"{key}: {problem}: {root}")
     if config.output.lancedb is not None:
         config.output.lancedb.uri = _resolve(base, config.output.lancedb.uri)
     if config.output.parquet is not None:

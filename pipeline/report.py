@@ -146,7 +146,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"- model: `{report['model']}` on {report['device']} ({report.get('gpu_name') or 'no GPU'}), "
         f"batch size {report['batch_size']}",
         f"- started {report['started_at']}, finished {report['finished_at']}, wall {report['wall_s']:.1f} s "
-        f"(model load {report['model_load_s']:.1f} s, embedding {report['embed_s']:.1f} s)",
+        f"({_model_time(report)}, embedding {report['embed_s']:.1f} s)",
         f"- files: {report['files_scanned']} scanned, {report['files_new']} new, {report['files_changed']} changed, "
         f"{report['files_deleted']} deleted, {report['files_unchanged']} unchanged",
         f"- embedded {report['images_embedded']} images at {report['images_per_s']:.1f} images/s; "
@@ -170,6 +170,12 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines += ray_tables(report["ray"])
     lines += ["", f"Output: {report['output_rows']} rows, {report['storage_bytes'] / 1e6:.1f} MB on disk."]
     return "\n".join(lines) + "\n"
+
+
+def _model_time(report: dict[str, Any]) -> str:
+    if report.get("model_loaded", True):
+        return f"model load {report['model_load_s']:.1f} s"
+    return f"model described, not loaded: {report.get('describe_s', 0.0):.1f} s"
 
 
 def ray_tables(ray: dict[str, Any]) -> list[str]:

@@ -126,6 +126,9 @@ def test_second_run_embeds_nothing(indexed: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = _latest_report(indexed)
     assert report["images_embedded"] == 0 and report["files_unchanged"] == 425 and report["errors"] == {}
+    # The model was only described: the report says so, and charges no loading to it.
+    assert not report["model_loaded"] and report["model_load_s"] == 0.0 and report["describe_s"] > 0
+    assert "model described, not loaded" in (sorted((indexed / "runs").glob("*/report.md"))[-1]).read_text()
     images, errors = _tables(indexed)
     assert images.num_rows == 418 and errors.num_rows == 7
 

@@ -47,6 +47,13 @@ class ShardCommitter:
         return len(self._images["path"]) + len(self._errors["path"])
 
     def add(self, event: DecodeResult | Embedded) -> None:
+        """Buffer one event's rows; commit each time a shard's worth is buffered, mid-batch if need be, so
+        every shard but the last holds exactly `shard_size` files (a batch of 64 with shard_size 50: 50 + 14)."""
+        if isinstance(event, Embedded) and self._buffered + len(event.items) > self.shard_size:
+            room = self.shard_size - self._buffered
+            self.add(Embedded(event.items[:room], event.vectors[:room]))
+            self.add(Embedded(event.items[room:], event.vectors[room:]))
+            return
         if isinstance(event, Embedded):
             for item in event.items:
                 key = item.key

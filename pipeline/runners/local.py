@@ -47,17 +47,18 @@ class RunResult:
 
 
 def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False, progress: bool | None = None,
-              encoder: Encoder | None = None, limit: int | None = None) -> RunResult:
+              encoder: Encoder | None = None, limit: int | None = None, lock: IndexLock | None = None) -> RunResult:
     """Index the configured roots once; the caller maps exceptions to exit codes.
 
     The model's weights are loaded only when some file needs encoding: a night with nothing new
     reads config.json and the image processor, checks the index's identity, and stops there.
-    `encoder`: a loaded one (`embindex bench`); `limit`: only the first N pending files."""
+    `encoder`: a loaded one (`embindex bench`); `limit`: only the first N pending files; `lock`: the
+    index lock if the caller holds it already (the CLI takes it first), else it is taken here."""
     started_at, wall_started = datetime.now(timezone.utc), time.perf_counter()
     run_id = started_at.strftime("%Y%m%dT%H%M%S_%fZ")
     model = _describe(config, encoder, wall_started)
     must_rebuild = check_identity(config, model.identity, rebuild)
-    with IndexLock(str(config.index_dir)), MemoryProbe(model.device) as memory:
+    with lock or IndexLock(str(config.index_dir)), MemoryProbe(model.device) as memory:
         sinks = _open_index(config, drop=must_rebuild or rebuild)
         versions_before = lance_versions(sinks)
         work = _plan_work(config, sinks, retry_errors, limit)

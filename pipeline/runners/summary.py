@@ -61,7 +61,9 @@ def run_report(run_id: str, started_at: datetime, wall_s: float, batch_size: int
                maintenance: dict | None) -> dict[str, Any]:
     """Every field of report.json; SPEC.md's "Report" section says what each means."""
     plan, timer, committer, encoder = work.plan, embedding.timer, embedding.committer, embedding.encoder
-    identity, model_load_s = embedding.identity, model.describe_s + embedding.load_s
+    identity = embedding.identity
+    # Loaded here, or by Ray's actors; a run with nothing to embed only described the model (config files).
+    loaded = encoder is not None or bool(embedding.ray_report)
     written, failed = (committer.rows_written, committer.errors_written) if committer else (0, 0)
     embed_s = embedding.embed_s
     return {
@@ -73,7 +75,7 @@ def run_report(run_id: str, started_at: datetime, wall_s: float, batch_size: int
         "smoke_test": bool(getattr(encoder, "smoke_test", False) or (model.described and model.described.smoke_test)),
         "fingerprint_id": fingerprint_id(identity),
         "fingerprint": identity,
-        "model_loaded": encoder is not None,
+        "model_loaded": loaded,
         "device": str(model.device),
         "dtype": identity["dtype"],
         **gpu_memory_peaks(model.device),
@@ -95,8 +97,9 @@ def run_report(run_id: str, started_at: datetime, wall_s: float, batch_size: int
         "errors": committer.error_reasons if committer else {},
         "error_rate": failed / (written + failed) if written + failed else 0.0,
         "wall_s": wall_s,
-        "model_load_s": model_load_s,
-        "processing_s": wall_s - model_load_s,
+        "describe_s": model.describe_s,
+        "model_load_s": model.describe_s + embedding.load_s if loaded else 0.0,
+        "processing_s": wall_s - model.describe_s - embedding.load_s,
         "stage_s": {"scan": work.scan_s, "decode": timer.decode_s, "encode": timer.encode_s,
                     "write": committer.write_s if committer else 0.0},
         "decode_wait_s": timer.decode_wait_s,

@@ -20,6 +20,7 @@ from pipeline.encode.models.source import describe_model
 from pipeline.errors import ConfigError, DecodeError
 from pipeline.index.ann import has_vector_index
 from pipeline.index.identity import check_identity, index_identity
+from pipeline.index.location import missing_table
 from pipeline.index.schema import is_multivector, vectors_of
 from pipeline.index.sinks.lance import key_predicates, sql_string
 
@@ -37,6 +38,9 @@ class Index:
         if config.output.lancedb is None:
             raise ConfigError("output.lancedb: searching needs the LanceDB sink")
         self.config = config
+        missing = missing_table(config.output.lancedb.uri, config.output.lancedb.table)
+        if missing:  # before the model's description (seconds), and lancedb.connect would create the folder
+            raise QueryError(missing)
         self._encoder: Encoder | None = None
         self._described = describe_model(config.encoder)
         # exit 2 on another model or preprocessing
