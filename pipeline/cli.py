@@ -62,11 +62,21 @@ def _lock_index(config: Config) -> Any:
     return lock
 
 
+def _own_or_error(record: logging.LogRecord) -> bool:
+    """--quiet: embindex's own warnings, and errors of anyone (a cron job mails whatever reaches stderr)."""
+    return record.levelno >= logging.ERROR or record.name.split(".")[0] in ("embindex", "pipeline")
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "httpx", "huggingface_hub", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Python warnings of this process (libraries' FutureWarnings, PIL's) become log records of "py.warnings",
+    # so --quiet can hold them back; the decode processes capture their own (pipeline/decode/capture.py).
+    logging.captureWarnings(True)
+    for handler in logging.getLogger().handlers:
+        (handler.addFilter if quiet else handler.removeFilter)(_own_or_error)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

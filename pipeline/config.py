@@ -63,6 +63,11 @@ class DecodeConfig(_Strict):
     # JPEGs up to this size travel to the GPU decoder through shared memory (a decode task's region is at
     # least this large); larger ones are decoded by the CPU workers (JPEG draft mode).
     gpu_max_file_mb: int = Field(4, ge=1, le=256)
+    # Memory a decode process may add to its own size at start (RLIMIT_AS; null: unbounded); a file that needs
+    # more is the error "needs more than N MB to decode". Heaviest legitimate decodes measured: a 100 Mpx RGBA PNG
+    # rotated by EXIF (at max_image_pixels) 1,674 MB whole, 2,071 MB as a 1+9+25 tile pyramid; the 400 photos
+    # 12 MB, the hostile set 98 MB: 3 GB leaves the worst 1.5x. A 256x256 ICNS asked 8,100 MB (issue 16).
+    max_worker_mb: int | None = Field(3072, ge=64)
 
     @field_validator("workers")
     @classmethod
@@ -201,6 +206,19 @@ class ServeConfig(_Strict):
     # Request images decode in this many processes (threads measured GIL-bound: 712 against 1,392 images/s
     # on 16 cores); auto = the usable cores.
     decode_workers: Any = "auto"
+    # Bytes of request bodies in flight, admitted from Content-Length before a body is read (past it, 429 with
+    # Retry-After). Memory follows bytes, not images: 16 concurrent 60 MB bodies took the server to 2.0-2.3 GB
+    # (issue 16). null: 4 x max_body_bytes (256 MiB by default), four of the largest bodies at once; an admitted
+    # byte costs about 2 at its peak (the body, then its strings): 16 x 60 MB took the server 0.6-0.7 GB over idle.
+    max_inflight_bytes: int | None = Field(None, ge=1024)
+    # Characters per text input (400 past it): the tokenizer reads a whole text before truncating it to the
+    # model's context (CLIP: 77 tokens). Four 1 MB texts took 49 s; at a limit of 1,000,000, four such requests
+    # took the server to 2.35 GB, outside the byte budget (docs/benchmarks.md). 16384 characters are ~4,000
+    # tokens, beyond any served text tower's context; a request of 64 of them tokenizes in ~1-2 s on 2 cores.
+    max_text_chars: int = Field(16384, ge=1)
+    # Seconds to receive a whole request body (408 past it, the connection closed): 200 half-sent bodies held
+    # connections and their admitted bytes for minutes. 60 s lets a 64 MiB body in at 9 Mbit/s.
+    body_timeout_s: float = Field(60.0, gt=0)
 
     @field_validator("decode_workers")
     @classmethod
@@ -208,6 +226,19 @@ class ServeConfig(_Strict):
         if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
             return value
         raise ValueError("must be 'auto' or a whole number >= 1")
+
+    @field_validator("max_inflight_bytes")
+    @classmethod
+    def _admits_the_largest_body(cls, value: int | None, info: ValidationInfo) -> int | None:
+        body = info.data.get("max_body_bytes")
+        if value is not None and body is not None and value < body:
+            raise ValueError(f"must be >= serve.max_body_bytes ({body}), or the largest request never gets in")
+        return value
+
+    @property
+    def inflight_bytes(self) -> int:
+        """max_inflight_bytes, its null resolved."""
+        return self.max_inflight_bytes if self.max_inflight_bytes is not None else 4 * self.max_body_bytes
 
 
 class Config(_Strict):

@@ -9,8 +9,9 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps
 
+from pipeline.decode import capture, guards, reasons
 from pipeline.decode.spec import InputSpec, resized_size
 from pipeline.decode.tiles import Tile, pyramid_tiles
 from pipeline.errors import DecodeError
@@ -48,31 +49,16 @@ def content_hash(data: bytes) -> str:
 
 
 def _open(data: bytes, max_image_pixels: int) -> Image.Image:
+    """PIL's lazy open, after the checks that need only the header; PIL's own exceptions go to reason_for."""
     if not data:
-        raise DecodeError("empty file")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise DecodeError("not an image") from None
-    except Image.DecompressionBombError as exc:  # raised by some plugins even with the guard off
-        raise DecodeError(f"too many pixels: {exc}") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DecodeError(f"unreadable image header: {exc}") from None
+        raise DecodeError(reasons.EMPTY)
+    guards.check_bytes(data, max_image_pixels)
+    image = Image.open(io.BytesIO(data))
     pixels = image.width * image.height
     if pixels > max_image_pixels:
-        raise DecodeError(f"too many pixels: {pixels} > {max_image_pixels}")
+        raise DecodeError(reasons.too_many_pixels(pixels, max_image_pixels))
+    guards.check_opened(image)
     return image
-
-
-def _load(image: Image.Image) -> None:
-    try:
-        image.load()
-    except OSError as exc:
-        if "truncated" in str(exc) or "broken data stream" in str(exc):
-            raise DecodeError("truncated file") from None
-        raise DecodeError(f"corrupt image data: {exc}") from None
-    except (SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise DecodeError(f"corrupt image data: {exc}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -82,12 +68,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         array = np.asarray(image)
         # 16-bit data (I;16*, or I holding 0..65535) is scaled, not clipped, to 8 bits.
         if mode.startswith("I;16") or (mode == "I" and array.max(initial=0) > 255):
-            array = array.astype(np.float32) / 257.0
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), "L")
+            array = array.astype(np.float32)
+            array /= 257.0  # in place, as the clip below: one float copy of a 100 Mpx image (400 MB), not three
+        image = Image.fromarray(np.clip(array, 0, 255, out=array if array.flags.writeable else None)
+                                .astype(np.uint8), "L")
         mode = "L"
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
     if has_alpha:
-        rgba = image.convert("RGBA")
+        # No copy of an RGBA image (convert to its own mode copies): 400 MB less at 100 Mpx, whose decode
+        # peaked at 2.06 GB of address space (limits.py bounds that per process).
+        rgba = image if mode == "RGBA" else image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image if mode == "RGB" else image.convert("RGB")
@@ -119,9 +109,18 @@ def _resize_and_crop(image: Image.Image, spec: InputSpec, original: tuple[int, i
 
 def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool = True,
                  digest: str | None = None) -> DecodedImage:
-    """Decode, orient, convert and resize one image held in memory."""
+    """Decode, orient, convert and resize one image held in memory; every failure is a DecodeError whose
+    message is the one reason reasons.reason_for gives it, whichever step raised."""
     started = time.perf_counter()
     digest = digest or content_hash(data)
+    try:
+        return _decode(data, spec, max_image_pixels, jpeg_draft, digest, started)
+    except Exception as exc:  # PIL raises many types on hostile input; none may stop the run
+        raise DecodeError(reasons.reason_for(exc, capture.peek())) from None
+
+
+def _decode(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool, digest: str,
+            started: float) -> DecodedImage:
     image = _open(data, max_image_pixels)
     orientation = image.getexif().get(ORIENTATION_TAG, 1) if image.format in ("JPEG", "TIFF", "PNG", "WEBP") else 1
     width, height = image.size
@@ -136,7 +135,7 @@ def decode_bytes(data: bytes, spec: InputSpec, max_image_pixels: int, jpeg_draft
             finest = max((max(grid) for grid in spec.tiles), default=1) if spec.tiles else 1
             want = math.ceil(DRAFT_OVERSAMPLE_FIXED * max(spec.size) * finest)
             image.draft(None, (want, want))
-    _load(image)
+    image.load()
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
     if spec.tiles:
@@ -160,6 +159,8 @@ def read_file(path: str) -> bytes:
         raise DecodeError("file vanished before it was read") from None
     except OSError as exc:
         raise DecodeError(f"cannot read file: {exc.strerror or exc}") from None
+    except MemoryError:  # a file larger than a bounded decode process may hold
+        raise DecodeError(reasons.out_of_memory()) from None
 
 
 def decode_file(path: str, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool = True,
@@ -167,16 +168,7 @@ def decode_file(path: str, spec: InputSpec, max_image_pixels: int, jpeg_draft: b
     """Read (unless `data` is given) and decode one file; every failure is a DecodeError."""
     if data is None:
         data = read_file(path)
-    try:
-        return decode_bytes(data, spec, max_image_pixels, jpeg_draft, digest)
-    except DecodeError:
-        raise
-    except MemoryError:
-        raise DecodeError("out of memory while decoding") from None
-    except Exception as exc:  # PIL raises many types on hostile input; none may stop the run
-        if isinstance(exc, OSError) and "truncated" in str(exc):  # some plugins load lazily
-            raise DecodeError("truncated file") from None
-        raise DecodeError(f"decode error: {type(exc).__name__}: {exc}") from None
+    return decode_bytes(data, spec, max_image_pixels, jpeg_draft, digest)
 
 
 def tile_pixels(image: Image.Image, tiles: list[Tile], spec: InputSpec,

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.decode import reasons
 from pipeline.decode.jpeg_probe import JPEG_SUFFIXES
 from pipeline.decode.regions import Regions, region_bytes
 from pipeline.decode.spec import InputSpec
@@ -194,10 +195,12 @@ class DecodePool:
     """A fixed number of decode processes fed tasks in order; results come back as tasks finish."""
 
     def __init__(self, spec: InputSpec, workers: int, max_image_pixels: int, timeout_s: float = 60.0,
-                 jpeg_draft: bool = True, n_regions: int | None = None, gpu_jpeg_bytes: int = 0) -> None:
+                 jpeg_draft: bool = True, n_regions: int | None = None, gpu_jpeg_bytes: int = 0,
+                 max_worker_mb: int | None = None) -> None:
         """`gpu_jpeg_bytes` > 0: JPEGs up to that size that the GPU decoder takes come back as bytes
         (DecodeResult.jpeg) while `gpu_room` is set (see feed.Feed). `n_regions`: shared-memory
-        regions (one per task in flight, plus those whose results the consumer still holds)."""
+        regions (one per task in flight, plus those whose results the consumer still holds).
+        `max_worker_mb`: the memory each worker may add to its size at start (limits.py; None: unbounded)."""
         self.spec, self.timeout_s = spec, timeout_s
         self.n_workers = max(1, workers)
         self.gpu_jpeg = gpu_jpeg_bytes > 0
@@ -206,7 +209,8 @@ class DecodePool:
         self.n_regions = self.regions.n_regions
         ctx = mp.get_context("spawn")  # the main process holds CUDA and threads: never fork it
         self.gpu_room = ctx.RawValue("b", 1)  # cleared while the GPU decoder is backed up
-        args = (self.regions.name, n_bytes, self.n_regions, spec, max_image_pixels, jpeg_draft, self.gpu_room)
+        args = (self.regions.name, n_bytes, self.n_regions, spec, max_image_pixels, jpeg_draft, self.gpu_room,
+                max_worker_mb)
         self.processes = _Processes(self.n_workers, args, ctx)
         self._sizer = _TaskSizer(n_bytes)
 
@@ -278,7 +282,7 @@ class DecodePool:
                 # Replies it sent before dying may still sit in the pipe: take them first, or a file
                 # it finished would be blamed for the crash.
                 yield from self._drain(worker, pending)
-                reason = f"decoder crashed (exit code {worker.process.exitcode})"
+                reason = reasons.crashed(worker.process.exitcode)
                 if worker.tasks:
                     yield self.processes.blame(worker, reason, pending, self.regions)
                 else:  # it died idle: nothing to blame, start another
@@ -289,7 +293,7 @@ class DecodePool:
             if now - worker.since() > self.timeout_s:
                 worker.process.kill()
                 worker.process.join()
-                reason = f"timeout: decoding took longer than {self.timeout_s:g} s"
+                reason = reasons.timed_out(self.timeout_s)
                 yield self.processes.blame(worker, reason, pending, self.regions)
 
     def _drain(self, worker: _Worker, pending: collections.deque[Item]) -> Iterator[DecodeResult]:
@@ -300,9 +304,11 @@ class DecodePool:
             pass  # the rest of the pipe is a message cut short by the death
 
     def _receive(self, worker: _Worker, pending: collections.deque[Item]) -> list[DecodeResult]:
-        task_id, replies = worker.conn.recv()
+        task_id, replies, said = worker.conn.recv()
         task = worker.tasks.popleft()
         assert task.task_id == task_id, "decode results arrive in the order they were sent"
+        for index, words in said:  # libtiff's and PIL's words on a file: for --verbose, never raw on stderr
+            log.debug("%s: the decoder said: %s", task.items[index][1], words)
         self.processes.replied()
         worker.current_since = time.monotonic()
         results, spent, used = _results_of(task, replies, self.regions.views[task.region])

@@ -82,7 +82,8 @@ def open_pool(config: Config, setup: DecodeSetup) -> DecodePool:
     return DecodePool(setup.spec, setup.n_workers, config.decode.max_image_pixels, config.decode.timeout_s,
                       config.decode.jpeg_draft,
                       n_regions=decode_regions(setup.spec, setup.n_workers, setup.depth) if setup.depth else None,
-                      gpu_jpeg_bytes=config.decode.gpu_max_file_mb << 20 if setup.use_gpu else 0)
+                      gpu_jpeg_bytes=config.decode.gpu_max_file_mb << 20 if setup.use_gpu else 0,
+                      max_worker_mb=config.decode.max_worker_mb)
 
 
 def early_pool(config: Config, described: Any, n_files: int) -> tuple[DecodeSetup, DecodePool] | None:

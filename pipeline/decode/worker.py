@@ -10,8 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.decode import capture
 from pipeline.decode.image import content_hash, decode_file, read_file
 from pipeline.decode.jpeg_probe import probe_jpeg
+from pipeline.decode.limits import prepare_decode_process
 from pipeline.decode.regions import slot_bytes
 from pipeline.decode.spec import InputSpec
 from pipeline.errors import DecodeError
@@ -19,11 +21,15 @@ from pipeline.errors import DecodeError
 
 def inject_fault(path: str) -> None:
     """Test hook: EMBINDEX_FAULT=crash:NAME or hang:NAME makes the worker die or hang on that file;
-    slow:SECONDS makes every file take that much longer (so kill tests can land mid-run)."""
+    slow:SECONDS makes every file take that much longer (so kill tests can land mid-run); wait:PATH holds
+    every file until PATH exists (a run that keeps its lock until the test lets it go)."""
     fault = os.environ.get("EMBINDEX_FAULT", "")
     action, _, name = fault.partition(":")
     if action == "slow":
         time.sleep(float(name))
+    elif action == "wait":
+        while not os.path.exists(name):
+            time.sleep(0.01)
     elif name and os.path.basename(path) == name:
         if action == "crash":
             os._exit(139)
@@ -61,33 +67,41 @@ def decode_one(path: str, known_hashes: frozenset[str] | None, gpu_may_take: boo
 
 
 def worker_main(conn: Connection, progress: Any, shm_name: str, n_bytes: int, n_regions: int,
-                spec: InputSpec, max_image_pixels: int, jpeg_draft: bool, gpu_room: Any) -> None:
+                spec: InputSpec, max_image_pixels: int, jpeg_draft: bool, gpu_room: Any,
+                max_worker_mb: int | None = None) -> None:
     shm = SharedMemory(name=shm_name)
     regions = np.ndarray((n_regions, n_bytes), dtype=np.uint8, buffer=shm.buf)
     largest = slot_bytes(spec)
+    # After the shared memory is mapped: the bound counts from this process's size with the regions in it.
+    prepare_decode_process(max_worker_mb)
+    capture.take()  # start-up chatter is no file's
     try:
         while True:
             task = conn.recv()
             if task is None:
                 return
             task_id, region_index, files = task
-            region, offset, replies = regions[region_index], 0, []
+            region, offset, replies, said = regions[region_index], 0, [], []
             for index, (path, known_hashes, gpu_may_take) in enumerate(files):
                 # Which file is in hand, and since when: the pool blames it if this process dies or hangs.
                 progress[0], progress[1], progress[2] = task_id, index, time.monotonic()
                 inject_fault(path)
                 reply = decode_one(path, known_hashes, gpu_may_take, region, offset, spec, max_image_pixels,
                                    jpeg_draft, gpu_room, largest)
+                words = capture.take()  # what libtiff or PIL wrote while decoding it: for the pool's debug log
                 if reply[0] == "later":  # the region is full: the rest go back to the queue
                     break
                 replies.append(reply)
+                if words:
+                    said.append((index, words))
                 if reply[0] == "jpeg":
                     offset += reply[2]
                 elif reply[0] == "pixels":
                     offset += int(np.prod(reply[2]))
-            conn.send((task_id, replies))
+            conn.send((task_id, replies, said))
     except (EOFError, KeyboardInterrupt):
         return
     finally:
+        capture.release()
         del regions
         shm.close()

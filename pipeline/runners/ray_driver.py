@@ -299,7 +299,7 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
             .map_batches(decode_block, batch_format="pyarrow", batch_size=None,
                          fn_kwargs={"spec": spec, "max_image_pixels": config.decode.max_image_pixels,
                                     "jpeg_draft": config.decode.jpeg_draft, "timeout_s": config.decode.timeout_s,
-                                    "run_key": run_key},
+                                    "run_key": run_key, "max_worker_mb": config.decode.max_worker_mb},
                          num_cpus=settings.decode_cpus, memory=DECODE_MEMORY,
                          compute=ray.data.TaskPoolStrategy(size=decode_tasks),
                          runtime_env={"env_vars": {"EMBINDEX_FAULT": fault}} if fault else None)

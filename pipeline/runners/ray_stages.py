@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import DecodeConfig
+from pipeline.decode import reasons
 from pipeline.decode.image import content_hash, decode_file, read_file
 from pipeline.decode.spec import InputSpec
 from pipeline.decode.worker import inject_fault  # the same EMBINDEX_FAULT test hook as the local decode pool
@@ -20,6 +22,7 @@ from pipeline.errors import DecodeError
 
 META_COLUMNS = ("root", "path", "size_bytes", "mtime_ns", "attempts", "was_in")
 KV_NAMESPACE = "embindex"  # Ray's key-value store: which blocks a decode task has started
+DEFAULT_MAX_WORKER_MB = DecodeConfig().max_worker_mb  # decode.max_worker_mb's default (decode/limits.py)
 
 
 def node_label() -> str:
@@ -38,7 +41,7 @@ def _deadline(timeout_s: float) -> Iterator[None]:
         return
 
     def expire(signum: int, frame: Any) -> None:
-        raise DecodeError(f"timeout: decoding took longer than {timeout_s:g} s")
+        raise DecodeError(reasons.timed_out(timeout_s))
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, timeout_s)
@@ -94,14 +97,17 @@ def _decode_here(rows: list[dict[str, Any]], out: _Decoded, spec: InputSpec, max
 
 
 def _decode_isolated(rows: list[dict[str, Any]], out: _Decoded, spec: InputSpec, max_image_pixels: int,
-                     jpeg_draft: bool, timeout_s: float) -> None:
+                     jpeg_draft: bool, timeout_s: float, max_worker_mb: int | None) -> None:
     """The second try of a block whose task died: the local runner's one-process decode pool, so a
-    file that kills or hangs its decoder becomes an error row with the local runner's reason."""
+    file that kills or hangs its decoder, or needs more than max_worker_mb, becomes an error row with the
+    local runner's reason. (The first try is not bounded: an address-space cap on a Ray worker process would
+    also bind Ray's own threads and buffers in it. A file that needs too much gets the task killed by Ray's
+    memory monitor, and the retry lands here.)"""
     from pipeline.decode.pool import DecodePool
 
     items = [(index, os.path.join(row["root"], *row["path"].split("/")),
               frozenset(row["known_hashes"]) if row["known_hashes"] else None) for index, row in enumerate(rows)]
-    with DecodePool(spec, 1, max_image_pixels, timeout_s, jpeg_draft) as pool:
+    with DecodePool(spec, 1, max_image_pixels, timeout_s, jpeg_draft, max_worker_mb=max_worker_mb) as pool:
         for result in pool.imap(items):
             index = result.key
             out.decode_s[index] = result.decode_s
@@ -118,7 +124,8 @@ def _decode_isolated(rows: list[dict[str, Any]], out: _Decoded, spec: InputSpec,
 
 
 def decode_block(block: pa.Table, spec: InputSpec, max_image_pixels: int, jpeg_draft: bool,
-                 timeout_s: float, run_key: str) -> dict[str, np.ndarray]:
+                 timeout_s: float, run_key: str, max_worker_mb: int | None = DEFAULT_MAX_WORKER_MB,
+                 ) -> dict[str, np.ndarray]:
     """A block of the plan -> the same columns plus pixels (uint8, N x H x W x 3; zeros where there are
     none), width, height, content_hash, the readable error of a bad file, and `reused` for bytes whose
     vector the driver already holds (hashed, not decoded)."""
@@ -126,7 +133,10 @@ def decode_block(block: pa.Table, spec: InputSpec, max_image_pixels: int, jpeg_d
     n = len(rows)
     out = _Decoded(n, spec)
     retry = n > 0 and _started_before(f"{run_key}:{rows[0]['root']}/{rows[0]['path']}")
-    (_decode_isolated if retry else _decode_here)(rows, out, spec, max_image_pixels, jpeg_draft, timeout_s)
+    if retry:
+        _decode_isolated(rows, out, spec, max_image_pixels, jpeg_draft, timeout_s, max_worker_mb)
+    else:
+        _decode_here(rows, out, spec, max_image_pixels, jpeg_draft, timeout_s)
     columns = {name: block[name].to_numpy(zero_copy_only=False) for name in META_COLUMNS}
     columns["was_in"] = np.array([value or "" for value in columns["was_in"]], dtype=object)
     return {**columns, "pixels": out.pixels, "width": out.width, "height": out.height,
