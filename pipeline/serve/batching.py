@@ -80,15 +80,19 @@ class Batcher:
 
     async def embed_images(self, pixels: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        job = _Job(pixels, None, loop, loop.create_future())
-        self._queue.put(job)
-        return await job.future
+        return await self._submit(_Job(pixels, None, loop, loop.create_future()))
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         loop = asyncio.get_running_loop()
-        job = _Job(None, texts, loop, loop.create_future())
+        return await self._submit(_Job(None, texts, loop, loop.create_future()))
+
+    async def _submit(self, job: _Job) -> np.ndarray:
         self._queue.put(job)
-        return await job.future
+        try:
+            return await job.future
+        except asyncio.CancelledError:  # the client went away: rows not yet in a batch are skipped (_gather)
+            job.failed = True
+            raise
 
     # -- the encoder thread ---------------------------------------------------------------
     def _next(self, timeout: float | None) -> _Job | None:

@@ -18,7 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.config import DecodeConfig
+from pipeline.decode import capture, reasons
 from pipeline.decode.image import decode_file
+from pipeline.decode.limits import prepare_decode_process
 from pipeline.decode.spec import InputSpec
 from pipeline.decode.tiles import Tile, pyramid_tiles
 from pipeline.errors import DecodeError
@@ -26,6 +29,7 @@ from pipeline.errors import DecodeError
 log = logging.getLogger(__name__)
 
 TASK_IMAGES = 4  # images per task sent to a decode process
+DEFAULT_MAX_WORKER_MB = DecodeConfig().max_worker_mb  # decode.max_worker_mb's default (limits.py)
 
 
 @dataclass
@@ -34,6 +38,7 @@ class Decoded:
     width: int  # the original's, after EXIF orientation
     height: int
     tiles: list[Tile] | None
+    said: str = ""  # what libtiff or PIL wrote while decoding it (the server's debug log)
 
 
 @dataclass
@@ -41,15 +46,19 @@ class Failed:
     status: int
     code: str
     reason: str  # as `embindex run` records it in images_errors
+    said: str = ""
 
 
 _SPEC: InputSpec | None = None  # set once per worker process
 _JPEG_DRAFT = True
 
 
-def _init_worker(spec: InputSpec, jpeg_draft: bool) -> None:
+def _init_worker(spec: InputSpec, jpeg_draft: bool, max_worker_mb: int | None = None) -> None:
+    """Each decode process as the batch pool's: stderr captured, memory bounded (limits.py)."""
     global _SPEC, _JPEG_DRAFT
     _SPEC, _JPEG_DRAFT = spec, jpeg_draft
+    prepare_decode_process(max_worker_mb)
+    capture.take()  # start-up chatter is no request's
 
 
 def _ping() -> None:
@@ -81,21 +90,28 @@ def decode_input(uri: str, max_image_pixels: int, grids: list[tuple[int, int]] |
 def decode_inputs(uris: list[str], max_image_pixels: int,
                   grids: list[tuple[int, int]] | None) -> list[Decoded | Failed]:
     """A task of several data URIs (fewer round trips to the server process)."""
-    return [decode_input(uri, max_image_pixels, grids) for uri in uris]
+    results = []
+    for uri in uris:
+        result = decode_input(uri, max_image_pixels, grids)
+        result.said = capture.take()
+        results.append(result)
+    return results
 
 
 class DecodeWorkers:
     """A process pool for request images; a pool broken by a crashing decoder is replaced."""
 
-    def __init__(self, spec: InputSpec, workers: int, jpeg_draft: bool, timeout_s: float) -> None:
+    def __init__(self, spec: InputSpec, workers: int, jpeg_draft: bool, timeout_s: float,
+                 max_worker_mb: int | None = DEFAULT_MAX_WORKER_MB) -> None:
         self.spec, self.workers, self.jpeg_draft, self.timeout_s = spec, workers, jpeg_draft, timeout_s
+        self.max_worker_mb = max_worker_mb
         self._lock = threading.Lock()
         self._pool = self._start()
 
     def _start(self) -> ProcessPoolExecutor:
         # spawn: the server process holds CUDA and threads; never fork it
         pool = ProcessPoolExecutor(self.workers, mp.get_context("spawn"), initializer=_init_worker,
-                                   initargs=(self.spec, self.jpeg_draft))
+                                   initargs=(self.spec, self.jpeg_draft, self.max_worker_mb))
         for future in [pool.submit(_ping) for _ in range(self.workers)]:
             future.result()
         return pool
@@ -117,7 +133,7 @@ class DecodeWorkers:
             await asyncio.to_thread(self._replace, pool)
             raise
         except asyncio.TimeoutError:
-            return [Failed(422, "timeout", f"timeout: decoding took longer than {self.timeout_s:g} s")] * len(uris)
+            return [Failed(422, "timeout", reasons.timed_out(self.timeout_s))] * len(uris)
 
     async def decode(self, uris: list[str], max_image_pixels: int,
                      grids: list[tuple[int, int]] | None) -> list[Decoded | Failed]:
@@ -137,10 +153,14 @@ class DecodeWorkers:
                 try:
                     results += await self._run([uri], max_image_pixels, grids)
                 except BrokenProcessPool:
-                    results.append(Failed(422, "decoder_crashed", "decoder crashed"))
+                    results.append(Failed(422, "decoder_crashed", reasons.crashed()))
             return results
 
-        return [result for chunk in await asyncio.gather(*map(chunk_results, chunks)) for result in chunk]
+        results = [result for chunk in await asyncio.gather(*map(chunk_results, chunks)) for result in chunk]
+        for result in results:
+            if result.said:
+                log.debug("a request image: the decoder said: %s", result.said)
+        return results
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

@@ -13,8 +13,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("embindex_requests", "HTTP requests by route and status", ["route", "status"],
-                                registry=self.registry)
+        self.requests = Counter("embindex_requests", "HTTP requests by route and status (499: the client went away)",
+                                ["route", "status"], registry=self.registry)
         self.request_seconds = Histogram("embindex_request_seconds", "Embedding request latency", ["kind"],
                                          buckets=LATENCY_BUCKETS, registry=self.registry)
         self.items = Counter("embindex_items", "Inputs embedded", ["kind"], registry=self.registry)
@@ -28,6 +28,8 @@ class Metrics:
                                        buckets=LATENCY_BUCKETS, registry=self.registry)
         self.queued_images = Gauge("embindex_queued_images", "Images accepted and not yet embedded",
                                    registry=self.registry)
+        self.inflight_bytes = Gauge("embindex_inflight_bytes", "Request bytes admitted and not yet answered "
+                                    "(serve.max_inflight_bytes)", registry=self.registry)
 
     def on_batch(self, kind: str, size: int, seconds: float) -> None:
         self.batch_size.labels(kind).observe(size)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import ipaddress
 import logging
 import os
 import sys
@@ -12,11 +14,12 @@ from pipeline.decode.setup import usable_cores
 from pipeline.encode.models.load import load_encoder
 from pipeline.encode.models.source import describe_model
 from pipeline.errors import ConfigError
-from pipeline.serve.app import ServerState, create_app
+from pipeline.serve.app import ByteBudget, ServerState, create_app
 from pipeline.serve.batching import Batcher
 from pipeline.serve.images import DecodeWorkers
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.parse import Limits
+from pipeline.serve.responses import TokenCounter
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +54,58 @@ def build_state(config: Config) -> ServerState:
         raise ConfigError(f"encoder.model: {encoder.name} is a multi-vector or variable-resolution model; "
                           "`embindex serve` serves single-vector, fixed-resolution models for now")
     metrics = Metrics()
-    workers = usable_cores() if config.serve.decode_workers == "auto" else config.serve.decode_workers
-    decoders = DecodeWorkers(spec, workers, config.decode.jpeg_draft, config.decode.timeout_s)
-    batcher = Batcher(encoder, config.encoder.batch_size, config.serve.batch_window_ms / 1000, metrics.on_batch)
+    serve = config.serve
+    workers = usable_cores() if serve.decode_workers == "auto" else serve.decode_workers
+    decoders = DecodeWorkers(spec, workers, config.decode.jpeg_draft, config.decode.timeout_s,
+                             config.decode.max_worker_mb)
+    batcher = Batcher(encoder, config.encoder.batch_size, serve.batch_window_ms / 1000, metrics.on_batch)
     batcher.start()
     name = served_name(config)
-    limits = Limits(config.serve.max_items, config.serve.max_vectors,
-                    config.serve.max_image_pixels or config.decode.max_image_pixels)
-    log.info("serving %s as %r: %d-dimensional, %d decode processes, batches of up to %d", encoder.name, name,
-             encoder.dim, workers, config.encoder.batch_size)
+    limits = Limits(serve.max_items, serve.max_vectors, serve.max_image_pixels or config.decode.max_image_pixels,
+                    serve.max_text_chars)
+    log.info("serving %s as %r: %d-dimensional, %d decode processes, batches of up to %d, %d MiB of requests in "
+             "flight", encoder.name, name, encoder.dim, workers, config.encoder.batch_size, serve.inflight_bytes >> 20)
     return ServerState(encoder, batcher, decoders, metrics, name, {name, config.encoder.model}, limits,
-                       config.serve.max_body_bytes, config.serve.max_queued_images, api_key)
+                       serve.max_body_bytes, serve.max_queued_images, api_key,
+                       budget=ByteBudget(serve.inflight_bytes, metrics.inflight_bytes),
+                       tokens=TokenCounter(getattr(encoder, "tokenizer", None)), body_timeout_s=serve.body_timeout_s)
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; a name or a wildcard (0.0.0.0, ::) reaches beyond this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The start-up warning for a server that anyone on the network may use, or None."""
+    if api_key is not None or is_loopback(host):
+        return None
+    return (f"SERVING ON {host} WITHOUT AN API KEY: anyone who can reach this port can embed on this machine and "
+            "load it (POST /v1/embeddings takes up to serve.max_body_bytes a request). Set serve.api_key_env to "
+            "a variable holding a key, or serve on 127.0.0.1 behind a proxy that authenticates.")
 
 
 def run_server(config: Config, host: str | None = None, port: int | None = None, access_log: bool = True) -> None:
     import uvicorn
 
     state = build_state(config)
+    host = host or config.serve.host
+    warning = exposure_warning(host, state.api_key)
+    if warning:
+        log.warning("%s\n%s\n%s", "!" * 100, warning, "!" * 100)
     # The event loop, the decode pool's feeder threads and the encoder thread share one GIL; each torch op
     # releases and re-takes it. Handing it over every 0.5 ms instead of 5 keeps the encoder thread from
     # waiting behind the others at every op (as pipeline/decode/feed.py does for the GPU decode path).
     sys.setswitchinterval(0.0005)
-    uvicorn.run(create_app(state), host=host or config.serve.host, port=config.serve.port if port is None else port,
+    # A full garbage collection walks every object, holding the GIL (the event loop waits): torch and
+    # transformers leave ~350,000, 0.26 s on this 2-core machine at start-up, longer when its cores are busy.
+    # They live as long as the server: frozen, collections skip them.
+    gc.collect()
+    gc.freeze()
+    uvicorn.run(create_app(state), host=host, port=config.serve.port if port is None else port,
                 access_log=access_log, log_level="info", timeout_graceful_shutdown=10)

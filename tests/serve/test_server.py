@@ -41,12 +41,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_process(config: Path, log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+def serve_process(config: Path, log: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+                  ) -> Iterator[str]:
     """`embindex serve CONFIG` in a subprocess, as a user starts it; yields its URL once /v1/health/ready is 200."""
     port = free_port()
     with open(log, "w") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(config), "--port", str(port)],
-                                   cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(config), "--port", str(port),
+                                    *args], cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
