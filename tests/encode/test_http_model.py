@@ -12,7 +12,6 @@ import httpx
 import lancedb
 import numpy as np
 import pytest
-import yaml
 
 from pipeline.config import load_config
 from pipeline.encode.models.http import base_url
@@ -20,7 +19,7 @@ from pipeline.errors import ConfigError, ModelLoadError
 from pipeline.runners.local import run_index
 from pipeline.search.query import Index
 from tests.conftest import HOSTILE, IMAGES, run_cli, write_config
-from tests.serve.test_server import serve_process
+from tests.serve.test_server import serve_config, serve_process
 
 KEY_VARIABLE = "EMBINDEX_HTTP_TEST_KEY"
 REFUSED = {"not_an_image.jpg": "not an image", "truncated_half.jpg": "truncated file"}
@@ -30,11 +29,8 @@ REFUSED = {"not_an_image.jpg": "not an image", "truncated_half.jpg": "truncated 
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[str]:
     """A server that takes one request of 16 images at a time: two overlapping requests get 429."""
     folder = tmp_path_factory.mktemp("http-server")
-    config = folder / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "encoder": {"model": str(tiny_models / "clip"), "device": "cpu", "batch_size": 16},
-        "serve": {"decode_workers": 2, "max_queued_images": 16, "api_key_env": KEY_VARIABLE},
-    }))
+    config = serve_config(folder, tiny_models / "clip", decode_workers=2, max_queued_images=16,
+                          api_key_env=KEY_VARIABLE)
     with serve_process(config, folder / "serve.log", {**os.environ, KEY_VARIABLE: "secret"}) as url:
         yield url
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.serve.probes import metric, raw_request, read_response, status_count, wait_for
-from tests.serve.test_server import serve_process
+from tests.serve.test_server import serve_config, serve_process
 
 BODY_LIMIT = 1_000_000
 BUDGET = 1_500_000  # one body of 1 MB in flight leaves room for 0.5 MB more
@@ -24,12 +23,8 @@ TEXT_LIMIT = 1000
 def hostile(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[dict]:
     """A server on 0.0.0.0 (reached through 127.0.0.1) without an API key, with small limits."""
     folder = tmp_path_factory.mktemp("hostile")
-    config = folder / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "encoder": {"model": str(tiny_models / "clip"), "device": "cpu", "batch_size": 16},
-        "serve": {"decode_workers": 1, "batch_window_ms": 0, "max_body_bytes": BODY_LIMIT,
-                  "max_inflight_bytes": BUDGET, "max_text_chars": TEXT_LIMIT},
-    }))
+    config = serve_config(folder, tiny_models / "clip", decode_workers=1, batch_window_ms=0,
+                          max_body_bytes=BODY_LIMIT, max_inflight_bytes=BUDGET, max_text_chars=TEXT_LIMIT)
     with serve_process(config, folder / "serve.log", args=("--host", "0.0.0.0")) as url:
         with httpx.Client(base_url=url, timeout=60) as client:
             yield {"url": url, "client": client, "log": folder / "serve.log"}

@@ -40,6 +40,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def serve_config(folder: Path, model: Path, **serve: object) -> Path:
+    """A serve config in `folder` for `model` on the CPU (batch size 16) with these `serve` keys."""
+    config = folder / "serve.yaml"
+    config.write_text(yaml.safe_dump({"encoder": {"model": str(model), "device": "cpu", "batch_size": 16},
+                                      "serve": serve}))
+    return config
+
+
 @contextmanager
 def serve_process(config: Path, log: Path, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
                   ) -> Iterator[str]:
@@ -94,12 +102,8 @@ def vectors(response: httpx.Response) -> np.ndarray:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_models: Path) -> Iterator[dict]:
     folder = tmp_path_factory.mktemp("serve")
-    config = folder / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "encoder": {"model": str(tiny_models / "clip"), "device": "cpu", "batch_size": 16},
-        "serve": {"decode_workers": 2, "max_body_bytes": 4_000_000, "batch_window_ms": 50,
-                  "api_key_env": "EMBINDEX_TEST_KEY"},
-    }))
+    config = serve_config(folder, tiny_models / "clip", decode_workers=2, max_body_bytes=4_000_000,
+                          batch_window_ms=50, api_key_env="EMBINDEX_TEST_KEY")
     env = {**os.environ, "EMBINDEX_TEST_KEY": API_KEY}
     with serve_process(config, folder / "serve.log", env) as url:
         with httpx.Client(base_url=url, headers=HEADERS, timeout=60) as client:
