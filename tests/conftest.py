@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _shared_data() -> Path:
     """The shared data beside the checkout; EMBINDEX_SHARED_DATA points elsewhere (the GPU machine gets a
     copy). A clone made elsewhere (a CI scratch folder) finds it beside the repository it was cloned from."""
-    if "EMBINDEX_SHARED_DATA" in os.environ:
-        return Path(os.environ["EMBINDEX_SHARED_DATA"])
+    if "EMBINDEX_SHARED_DATA" in os.environ:  # absolute: tests write it into configs in their own folders
+        return Path(os.environ["EMBINDEX_SHARED_DATA"]).resolve()
     beside = REPO.parent / "shared" / "data"
     if beside.is_dir():
         return beside
