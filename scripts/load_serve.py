@@ -91,18 +91,24 @@ def start_server(model: str, work: Path, batch_size: int, device: str, log: Path
         process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(config), "--port", str(port),
                                     "--quiet"], cwd=REPO, stdout=handle, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
+    wait_until_ready(process, url, log, 600)
+    return process, url
+
+
+def wait_until_ready(process: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+    """Until the server's /v1/health/ready is 200; SystemExit with its log's end if it exits or takes too long."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"embindex serve exited {process.returncode}:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/v1/health/ready", timeout=2).status_code == 200:
-                return process, url
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.2)
     process.kill()
-    raise SystemExit("embindex serve did not get ready in 10 minutes")
+    raise SystemExit(f"embindex serve did not get ready in {timeout_s:g} s:\n{log.read_text()[-3000:]}")
 
 
 def request_bodies(files: list[Path], bulk: int, encoding_format: str) -> list[tuple[bytes, int]]:

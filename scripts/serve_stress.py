@@ -42,18 +42,15 @@ import psutil
 import yaml
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from load_serve import free_port, wait_until_ready  # noqa: E402 - a sibling script
+
 REPO = Path(__file__).resolve().parents[1]
 IMAGES = REPO.parent / "shared" / "data" / "images"
 MB = 1_000_000
 DECODE_PROCESS_MB = 150  # one decode process: Python, PIL and NumPy (~60 MB) and a task of 4 images being decoded
 WORDS = ("the a dog cat red car beach photo of with on in and under blue green small large old new running "
          "sitting street house tree river mountain city night day").split()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def photo_uris(folder: Path, count: int, side: int = 2560) -> list[bytes]:
@@ -96,18 +93,8 @@ def start_server(repo: Path, config: Path, port: int, log: Path) -> subprocess.P
     with open(log, "w") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", str(config), "--port", str(port),
                                     "--quiet"], cwd=repo, stdout=log_file, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"embindex serve exited {process.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"embindex serve did not get ready:\n{log.read_text()}")
+    wait_until_ready(process, f"http://127.0.0.1:{port}", log, 300)
+    return process
 
 
 def tree_rss(process: psutil.Process) -> tuple[int, int]:
