@@ -67,6 +67,16 @@ def _own_or_error(record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR or record.name.split(".")[0] in ("embindex", "pipeline")
 
 
+def _process_started() -> float | None:
+    """When this process started (epoch seconds): the report counts the interpreter's start and the imports."""
+    import psutil
+
+    try:
+        return psutil.Process().create_time()
+    except psutil.Error:
+        return None
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -110,7 +120,7 @@ def run(config_path: str, overrides: tuple[str, ...], rebuild: bool, retry_error
 
         with _exit_codes():
             result = run_index(config, rebuild=rebuild, retry_errors=retry_errors,
-                               progress=False if quiet else None, lock=lock)
+                               progress=False if quiet else None, lock=lock, process_started=_process_started())
     except MemoryError:
         click.echo("embindex: out of host memory; lower decode.workers or encoder.batch_size", err=True)
         sys.exit(EXIT_FAILED)

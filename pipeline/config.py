@@ -95,8 +95,13 @@ class EncoderConfig(_Strict):
     request_timeout_s: float = Field(120.0, gt=0)
     request_retries: int = Field(5, ge=0)  # on 429, 5xx and connection errors, with exponential backoff
     device: Literal["auto", "cuda", "mps", "cpu"] | str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # float8: bfloat16, with the vision tower's Linear layers in FP8 through torchao (Hopper/Ada GPUs, fixed-size
+    # single-vector kinds; see pipeline/encode/models/float8.py).
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float8"] = "auto"
     batch_size: int = Field(64, ge=1)
+    # torch.compile of the forward pass (fixed-size single-vector kinds): auto compiles on CUDA when the run
+    # has enough images to repay the compile (pipeline/encode/compiled.py); compiled code is cached on disk.
+    compile: Literal["auto"] | bool = "auto"
     # Dynamic resolution (Qwen-VL families): each image is resized to within [min_pixels, max_pixels] pixels,
     # one language-model token per 28x28. None: the quality preset, else the model's own processor setting.
     min_pixels: int | None = Field(None, ge=28 * 28)

@@ -1,20 +1,26 @@
-"""Decode-only throughput of the GPU JPEG paths on this machine: torchvision nvJPEG and nvImageCodec.
+"""Decode-only throughput of the candidate data paths on this machine, side by side on the same JPEGs.
 
-    python scripts/bench_gpu_decode.py --images DIR [--upscale 4000x3000] [--copies 20]
+    python scripts/bench_gpu_decode.py --images DIR [--upscale 4000x3000] [--copies 20] [--workers 16]
 
-Prints images/s for decoding (to RGB on the GPU) plus resizing to 224x224, per backend and batch size.
+Prints images/s for decoding (to RGB on the GPU) plus resizing to 224x224, per backend and batch size:
+torchvision's nvJPEG and nvImageCodec (a per-image resize), the pipeline's own GPU decoder
+(`GpuJpegDecoder`: nvJPEG plus its batched resize and center crop), and the CPU pool (`DecodePool`:
+read, hash, decode and resize in worker processes, files written to a temporary folder first).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the pipeline package
 
 
 def load_bytes(images: Path, copies: int, upscale: tuple[int, int] | None) -> list[bytes]:
@@ -46,11 +52,59 @@ def bench(name: str, decode, blobs: list[bytes], batch: int) -> None:
     print(f"{name:28s} batch {batch:4d}: {rate:8.0f} images/s", flush=True)
 
 
+def _clip_spec():  # noqa: ANN202 - CLIP's processor: shortest edge 224, center crop 224
+    from pipeline.decode.spec import InputSpec
+
+    return InputSpec("shortest_edge", (224, 224), (224, 224))
+
+
+def pipeline_decoder(blobs: list[bytes]) -> None:
+    """The pipeline's GPU decoder: nvJPEG, then one resize and crop per batch, as a run uses it."""
+    from pipeline.decode.jpeg_probe import probe_jpeg
+    from pipeline.decode.nvjpeg import GpuJpegDecoder, JpegFile
+
+    decoder = GpuJpegDecoder(_clip_spec(), torch.device("cuda"))
+    files = []
+    for blob in blobs:
+        width, height, orientation = probe_jpeg(blob, 10**9) or (0, 0, 1)
+        files.append(JpegFile(None, "", bytearray(blob), "", width, height, orientation))
+    for batch in (64, 256):
+        decoder.decode(files[:batch])
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for start in range(0, len(files), batch):
+            decoder.decode(files[start:start + batch])
+        torch.cuda.synchronize()
+        rate = len(files) / (time.perf_counter() - started)
+        print(f"{'pipeline GpuJpegDecoder':28s} batch {batch:4d}: {rate:8.0f} images/s", flush=True)
+
+
+def cpu_pool(blobs: list[bytes], workers: int) -> None:
+    """The CPU pool on the same JPEGs as files: read, hash, decode (draft mode) and resize in processes."""
+    import tempfile
+
+    from pipeline.decode.pool import DecodePool
+
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for index, blob in enumerate(blobs):
+            paths.append(Path(folder) / f"{index:06d}.jpg")
+            paths[-1].write_bytes(blob)
+        with DecodePool(_clip_spec(), workers, 100_000_000) as pool:
+            started, count = time.perf_counter(), 0
+            for result in pool.imap((index, str(path), ()) for index, path in enumerate(paths)):
+                pool.release(result.slot)
+                count += result.error is None
+            rate = count / (time.perf_counter() - started)
+    print(f"{f'CPU pool, {workers} processes':28s}           : {rate:8.0f} images/s (pool start included)", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", type=Path, required=True)
     parser.add_argument("--copies", type=int, default=20)
     parser.add_argument("--upscale", default=None)
+    parser.add_argument("--workers", type=int, default=16, help="CPU pool processes (0: skip the pool)")
     args = parser.parse_args()
     upscale = tuple(int(v) for v in args.upscale.split("x")) if args.upscale else None
     blobs = load_bytes(args.images, args.copies, upscale)
@@ -66,6 +120,9 @@ def main() -> None:
     print("torchvision", torchvision.__version__)
     for batch in (64, 256):
         bench("torchvision nvjpeg", tv, blobs, batch)
+    pipeline_decoder(blobs)
+    if args.workers:
+        cpu_pool(blobs, args.workers)
     try:
         from nvidia import nvimgcodec
     except ImportError as exc:

@@ -7,13 +7,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from pipeline.decode.spec import InputSpec, resized_size
+from pipeline.decode.resize_batch import resize_batch
+from pipeline.decode.spec import InputSpec
 
 log = logging.getLogger(__name__)
 
-MAX_BICUBIC_FACTOR = 3.0
 # Source pixels decoded at once (~1.2 GB of RGB): ~2,000 ImageNet photos (gpu_batch bounds those first), 33 of
 # 12 MP. Larger chunks keep the hardware decoders busier: 12 MP end to end on an H100 went from 878 to 1,033
 # images/s with 400 MP instead of 200 (800 MP: no better; docs/benchmarks.md).
@@ -86,39 +85,12 @@ def orient(chw: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 def resize_and_crop(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """uint8 (3, H, W) or (N, 3, H, W) of one size -> uint8 (..., 3, h, w) with the processor's resize
-    and center crop. Antialiased bicubic on the device follows PIL's filter closely (cosine >= 0.99)."""
-    if chw.dim() == 3:
-        return to_uint8(resized_float(chw[None], spec))[0]
-    return to_uint8(resized_float(chw, spec))
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp_(0, 255).round_().to(torch.uint8)
-
-
-def resized_float(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    """uint8 (N, 3, H, W) of one size -> float (N, 3, h, w), resized and cropped, not yet rounded."""
-    height, width = chw.shape[-2:]
-    new_w, new_h = resized_size(width, height, spec)
-    factor = min(height / new_h, width / new_w)
-    if factor > MAX_BICUBIC_FACTOR:
-        # The antialiased bicubic kernel runs out of shared memory past ~4x (a 12 MP photo to 224 is
-        # ~13x): average down to twice the target first, as JPEG draft mode does on the CPU path.
-        x = F.interpolate(chw.half(), size=(2 * new_h, 2 * new_w), mode="area").float()
-    else:
-        x = chw.float()
-    if spec.crop is None:
-        out = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-    else:
-        crop_h, crop_w = spec.crop
-        top, left = max(0, (new_h - crop_h) // 2), max(0, (new_w - crop_w) // 2)
-        out = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-        out = out[..., top:top + crop_h, left:left + crop_w]
-        if out.shape[-2:] != (crop_h, crop_w):  # smaller than the crop: pad like HF (zeros, centered)
-            pad_h, pad_w = crop_h - out.shape[-2], crop_w - out.shape[-1]
-            out = F.pad(out, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
-    return out
+    """uint8 (3, H, W) or (N, 3, H, W) upright images of one size -> uint8 (..., 3, h, w) with the processor's
+    resize and center crop, by the decoder's own arithmetic (resize_batch: PIL's, within a grey level)."""
+    batch = chw[None] if chw.dim() == 3 else chw
+    pixels, _ = resize_batch(list(batch), [1] * len(batch), spec)  # one size: one canvas, rows in input order
+    out = pixels.permute(0, 3, 1, 2)
+    return out[0] if chw.dim() == 3 else out
 
 
 class GpuJpegDecoder:
@@ -172,24 +144,17 @@ class GpuJpegDecoder:
                 bad.extend(rejected)
                 if not decoded:
                     continue
-                # One resize per (size, orientation) group: camera folders hold few distinct sizes, and
-                # a few large kernels beat hundreds of small ones launched from a Python thread that
-                # competes for the GIL with the workers' feed and the main thread. The batch comes out
-                # in group order (no index tensor to copy to the device).
-                groups: dict[tuple[Any, ...], list[int]] = {}
-                for index, (image, file) in enumerate(zip(images, decoded)):
-                    groups.setdefault((*image.shape, file.orientation), []).append(index)
-                # Rounded to uint8 once for the whole batch: fewer kernel launches per group.
-                for (*_, orientation), indices in groups.items():
-                    group = [images[i] for i in indices]
-                    stacked = group[0][None] if len(group) == 1 else torch.stack(group)
-                    outputs.append(resized_float(orient(stacked, orientation), self.spec))
-                    good.extend(decoded[i] for i in indices)
+                # One resize for the whole chunk, whatever its sizes (resize_batch): the per-size loop it
+                # replaces made 510 torch calls (264 kernels on the H200) for 256 ImageNet photos of ~100
+                # sizes, from a thread that shares the GIL with the feed and the main thread; resize_batch
+                # makes ~80 a batch and ~45 a canvas (1-2 canvases). Rows come in canvas order.
+                pixels, order = resize_batch(images, [file.orientation for file in decoded], self.spec)
+                outputs.append(pixels)
+                good.extend(decoded[i] for i in order)
                 del images
             if not good:
                 return None, [], bad, None
-            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            pixels = to_uint8(out).permute(0, 2, 3, 1).contiguous()
+            pixels = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
             ready = torch.cuda.Event()
             ready.record(self.stream)
         return pixels, good, bad, ready

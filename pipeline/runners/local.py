@@ -17,6 +17,7 @@ from pipeline.decode.feed import Feed
 from pipeline.decode.nvjpeg import GpuJpegDecoder
 from pipeline.decode.prefetch import prefetch
 from pipeline.decode.setup import DecodeSetup, decode_setup, early_pool, open_pool, worker_count
+from pipeline.encode.compiled import CompileChoice, choose, compile_encoder
 from pipeline.encode.groups import embed_groups
 from pipeline.encode.layout import is_grouped, row_extras, row_schema, warm_up, wrap_encoder
 from pipeline.encode.models.base import Encoder
@@ -47,14 +48,17 @@ class RunResult:
 
 
 def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False, progress: bool | None = None,
-              encoder: Encoder | None = None, limit: int | None = None, lock: IndexLock | None = None) -> RunResult:
+              encoder: Encoder | None = None, limit: int | None = None, lock: IndexLock | None = None,
+              process_started: float | None = None) -> RunResult:
     """Index the configured roots once; the caller maps exceptions to exit codes.
 
     The model's weights are loaded only when some file needs encoding: a night with nothing new
     reads config.json and the image processor, checks the index's identity, and stops there.
     `encoder`: a loaded one (`embindex bench`); `limit`: only the first N pending files; `lock`: the
-    index lock if the caller holds it already (the CLI takes it first), else it is taken here."""
+    index lock if the caller holds it already (the CLI takes it first), else it is taken here;
+    `process_started`: the process's start (epoch seconds), so the report counts the imports before this call."""
     started_at, wall_started = datetime.now(timezone.utc), time.perf_counter()
+    imports_s = max(0.0, started_at.timestamp() - process_started) if process_started is not None else 0.0
     run_id = started_at.strftime("%Y%m%dT%H%M%S_%fZ")
     model = _describe(config, encoder, wall_started)
     must_rebuild = check_identity(config, model.identity, rebuild)
@@ -63,12 +67,14 @@ def run_index(config: Config, rebuild: bool = False, retry_errors: bool = False,
         versions_before = lance_versions(sinks)
         work = _plan_work(config, sinks, retry_errors, limit)
         embedding = _embed(config, model, work, sinks, progress)
+        finish_started = time.perf_counter()
         write_identity(config, embedding.identity)
         maintenance = None
         if lance_versions(sinks) != versions_before:  # tag the run, keep the ANN index up to date
             maintenance = finish_run(sinks, run_id, config.search, embedding.identity.get("dim"))
+    embedding.finish_s = time.perf_counter() - finish_started
     report = run_report(run_id, started_at, time.perf_counter() - wall_started, config.encoder.batch_size, model,
-                        work, embedding, memory, sinks, maintenance)
+                        work, embedding, memory, sinks, maintenance, imports_s)
     folder = write_report(config.run.report_dir, report)
     too_many = report["error_rate"] > config.run.max_error_rate
     return RunResult(EXIT_TOO_MANY_ERRORS if too_many else EXIT_OK, report, folder)
@@ -147,6 +153,7 @@ def _embed_here(config: Config, model: Model, work: Work, sinks: list[Sink], pro
         gpu = GpuJpegDecoder(encoder.input_spec(), encoder.device) if setup and setup.use_gpu else None
         if setup is not None and encoder.device.type == "cuda":
             warm_up(encoder, 1 if is_grouped(encoder) else config.encoder.batch_size)
+        done.compile = _compile(config, encoder, n_files)
         done.load_s += time.perf_counter() - warmed
         embed_started += time.perf_counter() - warmed
         events, done.feed = _events(config, encoder, pool, setup, gpu, work, done.timer)
@@ -170,6 +177,15 @@ def _load_encoder(config: Config, model: Model, n_files: int) -> tuple[Encoder, 
         if early is not None:
             early[1].close()
         raise
+
+
+def _compile(config: Config, encoder: Encoder, n_files: int) -> CompileChoice:
+    """encoder.compile: decide (auto measures an eager batch), and compile now if so: part of the start-up."""
+    choice = choose(config.encoder.compile, encoder, n_files, config.encoder.batch_size)
+    if choice.enabled:
+        compile_encoder(encoder, choice, config.encoder.batch_size)
+    log.info("encoder.compile: %s", choice.reason)
+    return choice
 
 
 def _decode_stage(config: Config, encoder: Encoder, n_files: int, early: tuple[DecodeSetup, Any] | None,

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.decode.feed import Feed
+from pipeline.encode.compiled import CompileChoice
 from pipeline.encode.layout import vector_sizes
 from pipeline.encode.models.base import Encoder
 from pipeline.encode.models.source import ModelSource
@@ -53,12 +54,14 @@ class Embedding:
     main_cpu_s: float = 0.0  # this process's CPU seconds meanwhile: near embed_s means GIL-bound
     n_workers: int = 0
     feed: Feed | None = None
+    compile: CompileChoice | None = None  # encoder.compile's decision and compile time (within load_s)
+    finish_s: float = 0.0  # after the last commit: identity, tagging the run, ANN maintenance
     ray_report: dict[str, Any] = field(default_factory=dict)
 
 
 def run_report(run_id: str, started_at: datetime, wall_s: float, batch_size: int, model: Model, work: Work,
                embedding: Embedding, memory: MemoryProbe, sinks: list[Sink],
-               maintenance: dict | None) -> dict[str, Any]:
+               maintenance: dict | None, imports_s: float = 0.0) -> dict[str, Any]:
     """Every field of report.json; SPEC.md's "Report" section says what each means."""
     plan, timer, committer, encoder = work.plan, embedding.timer, embedding.committer, embedding.encoder
     identity = embedding.identity
@@ -98,6 +101,13 @@ def run_report(run_id: str, started_at: datetime, wall_s: float, batch_size: int
         "error_rate": failed / (written + failed) if written + failed else 0.0,
         "wall_s": wall_s,
         "describe_s": model.describe_s,
+        # The fixed cost around the embedding phase (SPEC): imports before the run started (CLI runs),
+        # describing the model, then weights, decode workers, warm-up and compile; and what follows the last commit.
+        "imports_s": imports_s,
+        "startup_s": imports_s + model.describe_s + embedding.load_s,
+        "compile_s": embedding.compile.compile_s if embedding.compile else 0.0,
+        "compile": embedding.compile.report() if embedding.compile else None,
+        "finish_s": embedding.finish_s,
         "model_load_s": model.describe_s + embedding.load_s if loaded else 0.0,
         "processing_s": wall_s - model.describe_s - embedding.load_s,
         "stage_s": {"scan": work.scan_s, "decode": timer.decode_s, "encode": timer.encode_s,

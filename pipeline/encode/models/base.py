@@ -43,6 +43,10 @@ def resolve_device(requested: str) -> torch.device:
 
 
 def resolve_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """The dtype the model computes in. float8 computes in bfloat16: only the vision tower's Linear layers
+    become float8 (models/float8.py), and the index's identity records "float8" (models/source.py)."""
+    if requested == "float8":
+        return torch.bfloat16
     if requested != "auto":
         return DTYPES[requested]
     return {"cuda": torch.bfloat16, "mps": torch.float16}.get(device.type, torch.float32)
@@ -82,7 +86,12 @@ class HFSingleVectorEncoder:
 
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return self.forward(pixels.to(self.device, non_blocking=True))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) on the device -> normalised vectors: the whole of what `encoder.compile` compiles,
+        so the normalisation fuses into the first kernels."""
+        x = pixels.permute(0, 3, 1, 2).float()
         x = (x * self._scale + self._shift).to(self.dtype)
         return F.normalize(self._image_features(x).float(), dim=-1)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ModelLoadError
@@ -38,6 +40,32 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def model_file(source: str, filename: str, revision: str | None, offline: bool) -> str | None:
+    """The local path of one of a model's files (a folder's, or the hub cache's, fetched if need be), None when
+    the model has no such file. Other failures (no network, no such repo) raise: the caller asks transformers,
+    whose errors say what to do."""
+    if os.path.isdir(source):
+        path = os.path.join(source, filename)
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(source, filename, revision=revision, local_files_only=offline)
+    except LocalEntryNotFoundError:
+        if offline:  # not in the cache: absent from the repo, or never fetched (transformers reads it as absent)
+            return None
+        raise
+    except EntryNotFoundError:  # the repo has no such file
+        return None
+
+
+def snapshot_commit(path: str) -> str | None:
+    """The commit of a file in the hub cache (.../snapshots/<commit>/file), as transformers' `_commit_hash`."""
+    match = re.search(r"snapshots/([^/]+)/", Path(path).as_posix())
+    return match.group(1) if match and re.fullmatch(r"[0-9a-f]{40}", match.group(1)) else None
 
 
 def weights_digest(folder: str) -> str:

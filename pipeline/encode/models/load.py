@@ -57,7 +57,9 @@ def load_encoder(config: EncoderConfig, described: ModelSource | None = None) ->
         return HttpEncoder(config)  # type: ignore[return-value]
     import torch
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would fill cron logs
     model_source = described or describe_model(config)
     source, kind, device, dtype = model_source.source, model_source.kind, model_source.device, model_source.dtype
     if kind in VLM_MODEL_TYPES:
@@ -69,6 +71,10 @@ def load_encoder(config: EncoderConfig, described: ModelSource | None = None) ->
     except (OSError, ValueError) as exc:
         raise load_error(source, exc) from None
     model.to(device)
+    if model_source.precision == "float8":  # checked in describe_model: a CUDA GPU of capability 8.9+, torchao
+        from pipeline.encode.models.float8 import to_float8
+
+        to_float8(model)
     if device.type == "cuda":
         # The main process only stages batches for the GPU; torch's CPU pool (one thread per core,
         # spinning between ops) would compete with the decode workers for every core.
@@ -76,7 +82,7 @@ def load_encoder(config: EncoderConfig, described: ModelSource | None = None) ->
     if model_source.smoke_test:
         log.warning("SMOKE TEST: %s has random weights (scripts/make_*_models.py); its embeddings are "
                     "meaningless. Set encoder.model to a real model for real use.", source)
-    log.info("loaded %s (%s) on %s as %s", model_source.name, kind, device, dtype)
+    log.info("loaded %s (%s) on %s as %s", model_source.name, kind, device, model_source.precision or dtype)
     encoder = _encoder_class(kind)(model, model_source.processor, tokenizer, model_source.identity(), device, dtype)
     encoder.smoke_test = model_source.smoke_test
     return encoder
