@@ -26,7 +26,9 @@ class DecodeResult:
     decode_s: float = 0.0
     reused: bool = False  # the bytes hash to a known vector: read and hashed, not decoded
     needs_encoding: bool = False  # set by the encode stage for GPU-decoded items it will encode
-    jpeg: bytes | bytearray | None = None  # a JPEG the GPU decoder takes: read, hashed and probed, not decoded
+    # A JPEG the GPU decoder takes: read, hashed and probed, not decoded; a view into the decode pool's shared
+    # memory (`slot` held until the GPU has read it), or bytes.
+    jpeg: bytes | bytearray | np.ndarray | None = None
     orientation: int = 1  # its EXIF orientation (width and height are already upright)
     path: str | None = None  # set on `jpeg` results, so a file the GPU rejects can go back to a worker
 

@@ -163,12 +163,13 @@ class Feed:
         pixels, good, bad, ready = self.gpu.decode(files)
         self.stats["decode_s"] += time.perf_counter() - started
         self.stats["batches"] += 1
+        for result in batch:  # nvJPEG has read the bytes (staged before decode returns): their regions go back
+            self.pool.release(result.slot)
+            result.jpeg, result.slot = None, None
         for file in bad:
             self._rejected.put((file.key.key, file.key.path, None, True))
         if pixels is not None:
             self.gpu_decoded += len(good)
-            for file in good:
-                file.key.jpeg = None  # the bytes are decoded: free them now
             items = [file.key for file in good]
             waited = time.perf_counter()
             self._ready.acquire()  # released when the encode stage takes the batch

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.decode.resize_batch import resize_batch
@@ -93,6 +94,14 @@ def resize_and_crop(chw: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return out[0] if chw.dim() == 3 else out
 
 
+def _host_tensor(data: bytes | bytearray | np.ndarray) -> torch.Tensor:
+    """JPEG bytes as a uint8 tensor: the feed's views into shared memory and bytearrays are wrapped as they are;
+    bytes are read-only to torch, so they are copied."""
+    if isinstance(data, np.ndarray):
+        return torch.from_numpy(data)
+    return torch.frombuffer(data if isinstance(data, bytearray) else bytearray(data), dtype=torch.uint8)
+
+
 class GpuJpegDecoder:
     """Decodes batches of JPEG bytes with nvJPEG on its own CUDA stream."""
 
@@ -116,9 +125,7 @@ class GpuJpegDecoder:
         self.decode([JpegFile(None, "", buffer.getvalue(), "", 64, 48)])
 
     def _decode(self, files: list[JpegFile]) -> tuple[list[torch.Tensor], list[JpegFile], list[JpegFile]]:
-        # A bytearray (the feed's) is wrapped as it is; bytes are read-only to torch, so they are copied.
-        tensors = [torch.frombuffer(f.data if isinstance(f.data, bytearray) else bytearray(f.data), dtype=torch.uint8)
-                   for f in files]
+        tensors = [_host_tensor(f.data) for f in files]
         try:
             return self._decode_jpeg(tensors, mode=self._rgb, device=self.device), files, []
         except RuntimeError:
