@@ -178,6 +178,12 @@ def _results_of(task: _Task, replies: list[tuple[Any, ...]],
     return results, spent, used
 
 
+def regions_per_worker(gpu_jpeg_bytes: int) -> int:
+    """Shared-memory regions per worker: its tasks in flight, twice over (results the encoder has not copied
+    yet hold theirs); JPEGs queued for the GPU hold their tasks' regions too, so a third more with nvJPEG."""
+    return TASKS_PER_WORKER * (3 if gpu_jpeg_bytes else 2)
+
+
 def _take(source: Iterator[Item | None], pending: collections.deque[Item], wanted: int) -> str:
     """Items from `source` until `pending` holds `wanted` ("full"); "idle" when the source has nothing
     right now (it yields None; see feed.Feed), "exhausted" when it has ended."""
@@ -206,9 +212,7 @@ class DecodePool:
         self.n_workers = max(1, workers)
         self.gpu_jpeg = gpu_jpeg_bytes > 0
         n_bytes = region_bytes(spec, gpu_jpeg_bytes)
-        # JPEGs waiting for the GPU hold their tasks' regions too: a third more, so the workers keep tasks in flight.
-        per_worker = TASKS_PER_WORKER * (3 if gpu_jpeg_bytes else 2)
-        self.regions = Regions(n_regions or self.n_workers * per_worker, n_bytes)
+        self.regions = Regions(n_regions or self.n_workers * regions_per_worker(gpu_jpeg_bytes), n_bytes)
         self.n_regions = self.regions.n_regions
         ctx = mp.get_context("spawn")  # the main process holds CUDA and threads: never fork it
         self.gpu_room = ctx.RawValue("b", 1)  # cleared while the GPU decoder is backed up
