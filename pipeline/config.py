@@ -84,7 +84,7 @@ class EncoderConfig(_Strict):
     # reached.
     base_model: str | None = None
     kind: Literal["auto", "clip", "siglip", "siglip2", "dinov2", "http", "colqwen2", "colqwen2_5",
-                  "biqwen2_5", "colpali", "qwen_vl_features"] = "auto"
+                  "biqwen2_5", "colpali", "qwen_vl_features", "qwen3_vl_embedding"] = "auto"
     # kind http: a remote NIM/OpenAI-compatible /v1/embeddings endpoint (e.g. `embindex serve`) embeds the
     # original file bytes; `model` is the id it serves. The Bearer key comes from an environment variable.
     url: str | None = None  # http://HOST:PORT (a trailing /v1 is accepted)
@@ -133,6 +133,9 @@ class EncoderConfig(_Strict):
     pyramid: list[list[int]] | None = None
     # Multi-vector models: cluster each image's token vectors down to about 1 / pool_factor of them.
     pool_factor: int | None = Field(None, ge=2)
+    # Matryoshka models (qwen3_vl_embedding): keep the first `dim` values of each vector, normalised again
+    # (smaller tables, faster search, somewhat less recall); None: the model's full size. Part of the identity.
+    dim: int | None = Field(None, ge=1)
 
     @field_validator("pyramid")
     @classmethod

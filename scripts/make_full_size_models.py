@@ -140,13 +140,91 @@ def write_retrieval_model(name: str, out_dir: Path, device: str) -> None:
     byte_level_qwen_tokenizer().save_pretrained(out_dir)
 
 
+# Qwen/Qwen3-VL-Embedding-2B's config.json: a Qwen3-VL-2B backbone (model_type qwen3_vl, architectures
+# ["Qwen3VLForConditionalGeneration"]), tied word embeddings, 2048-d vectors (the last token's hidden state).
+QWEN3_VL_EMBEDDING_2B = {
+    "text": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+             "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 262144,
+             "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 5000000, "mrope_section": [24, 20, 20],
+                                 "mrope_interleaved": True}},
+    "vision": {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
+               "hidden_act": "gelu_pytorch_tanh", "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+               "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17], "out_hidden_size": 2048},
+}
+EMBEDDING_MODELS = {"qwen3-vl-embedding-2b": QWEN3_VL_EMBEDDING_2B}
+
+
+def write_qwen3_vl_embedding(name: str, out_dir: Path, device: str) -> None:
+    """Qwen3-VL-Embedding's files, bfloat16, random weights: the checkpoint, Qwen3-VL's image processor (patch 16,
+    mean = std = 0.5; the pipeline resizes by the embedding recipe's own bounds) and the Sentence Transformers
+    modules.json + 1_Pooling/config.json by which `encoder.kind: auto` detects it."""
+    import json
+
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    arch = EMBEDDING_MODELS[name]
+    config = Qwen3VLConfig(
+        text_config={**arch["text"], "bos_token_id": QWEN_SPECIALS["<|endoftext|>"],
+                     "eos_token_id": QWEN_SPECIALS["<|im_end|>"], "pad_token_id": QWEN_SPECIALS["<|endoftext|>"]},
+        vision_config=arch["vision"], tie_word_embeddings=arch["text"]["tie_word_embeddings"],
+        image_token_id=QWEN_SPECIALS["<|image_pad|>"], video_token_id=QWEN_SPECIALS["<|video_pad|>"],
+        vision_start_token_id=QWEN_SPECIALS["<|vision_start|>"], vision_end_token_id=QWEN_SPECIALS["<|vision_end|>"],
+    )
+    with torch.device(device):  # initialising 2 billion weights takes minutes on a CPU, seconds on a GPU
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    model.config.embindex_smoke_test = True  # random weights: runs are labelled, vectors mean nothing
+    model.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=65536, max_pixels=16777216, patch_size=16, temporal_patch_size=2,
+                             merge_size=2, resample=3, image_mean=[0.5, 0.5, 0.5],
+                             image_std=[0.5, 0.5, 0.5]).save_pretrained(out_dir)
+    byte_level_qwen_tokenizer().save_pretrained(out_dir)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+               {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+    (out_dir / "modules.json").write_text(json.dumps(modules, indent=2))
+    (out_dir / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"embedding_dimension": arch["text"]["hidden_size"], "pooling_mode": "lasttoken", "include_prompt": True}
+    (out_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+
+
+# Qwen/Qwen3-VL-2B-Instruct's config.json (the backbone of Qwen3-VL-Embedding-2B, hence the same values): the chat
+# model whose vision features `encoder.kind: qwen_vl_features` stores, DeepStack layers 5, 11 and 17 included.
+CHAT_MODELS = {"qwen3-vl-2b-instruct": QWEN3_VL_EMBEDDING_2B}
+
+
+def write_qwen3_vl_chat(name: str, out_dir: Path, device: str) -> None:
+    """Qwen3-VL-2B-Instruct's files, bfloat16, random weights: the checkpoint (only its vision tower is loaded by
+    qwen_vl_features), its image processor (patch 16, 256x256..4096x4096 pixels, mean = std = 0.5) and a
+    byte-level tokenizer with Qwen's special tokens at their ids."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    arch = CHAT_MODELS[name]
+    config = Qwen3VLConfig(
+        text_config={**arch["text"], "bos_token_id": QWEN_SPECIALS["<|endoftext|>"],
+                     "eos_token_id": QWEN_SPECIALS["<|im_end|>"], "pad_token_id": QWEN_SPECIALS["<|endoftext|>"]},
+        vision_config=arch["vision"], tie_word_embeddings=arch["text"]["tie_word_embeddings"],
+        image_token_id=QWEN_SPECIALS["<|image_pad|>"], video_token_id=QWEN_SPECIALS["<|video_pad|>"],
+        vision_start_token_id=QWEN_SPECIALS["<|vision_start|>"], vision_end_token_id=QWEN_SPECIALS["<|vision_end|>"],
+    )
+    with torch.device(device):  # initialising 2 billion weights takes minutes on a CPU, seconds on a GPU
+        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    model.config.embindex_smoke_test = True  # random weights: runs are labelled, features mean nothing
+    model.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=65536, max_pixels=16777216, patch_size=16, temporal_patch_size=2,
+                             merge_size=2, resample=3, image_mean=[0.5, 0.5, 0.5],
+                             image_std=[0.5, 0.5, 0.5]).save_pretrained(out_dir)
+    byte_level_qwen_tokenizer().save_pretrained(out_dir)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--models", default=",".join(CLIP_ARCHITECTURES),
-                        help=f"comma-separated names: {', '.join([*CLIP_ARCHITECTURES, *RETRIEVAL_MODELS])}")
+                        help="comma-separated names: "
+                             f"{', '.join([*CLIP_ARCHITECTURES, *RETRIEVAL_MODELS, *EMBEDDING_MODELS, *CHAT_MODELS])}")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="where the random weights are initialised (Qwen2.5-VL models)")
+                        help="where the random weights are initialised (Qwen-VL models)")
     args = parser.parse_args()
     for name in args.models.split(","):
         torch.manual_seed(0)
@@ -154,6 +232,10 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         if name in RETRIEVAL_MODELS:
             write_retrieval_model(name, folder, args.device)
+        elif name in EMBEDDING_MODELS:
+            write_qwen3_vl_embedding(name, folder, args.device)
+        elif name in CHAT_MODELS:
+            write_qwen3_vl_chat(name, folder, args.device)
         else:
             write_clip(name, folder)
         print(f"{name}: wrote {folder}")

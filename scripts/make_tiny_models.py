@@ -438,6 +438,82 @@ def write_colpali(out_dir: Path) -> None:
     processor.save_pretrained(out_dir)
 
 
+# --- Qwen3-VL-Embedding (a Qwen3-VL backbone, patch 16: one language-model token per 32x32 pixels) -----------
+
+# What Qwen3-VL's chat template renders for the messages an embedding recipe builds (system text; user images,
+# videos and text; the generation prompt), written here for the tiny tokenizer.
+QWEN3_CHAT_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}{%- else %}{%- for item in message['content'] %}"
+    "{%- if item['type'] == 'image' or 'image' in item %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'video' or 'video' in item %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in item %}{{- item['text'] }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+# The Sentence Transformers pipeline of Qwen/Qwen3-VL-Embedding-*: what tells it from the Qwen3-VL chat model.
+ST_MODULES = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+              {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+              {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
+
+
+def qwen3_embedding_config(tokenizer: Qwen2Tokenizer) -> Any:
+    """Qwen3-VL-Embedding-2B's architecture at toy size: interleaved M-RoPE, learned vision positions (an 8x8
+    grid, resampled per image), DeepStack features into both language-model layers, tied word embeddings."""
+    from transformers import Qwen3VLConfig
+
+    rope = {**QWEN_TEXT["rope_parameters"], "mrope_interleaved": True}
+    return Qwen3VLConfig(
+        text_config={**QWEN_TEXT, "head_dim": 16, "rope_parameters": rope, "vocab_size": len(tokenizer),
+                     "bos_token_id": None, "eos_token_id": tokenizer.eos_token_id,
+                     "pad_token_id": tokenizer.pad_token_id, "tie_word_embeddings": True},
+        vision_config={"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 4, "patch_size": 16,
+                       "spatial_merge_size": 2, "temporal_patch_size": 2, "num_position_embeddings": 64,
+                       "deepstack_visual_indexes": [0, 1], "out_hidden_size": QWEN_TEXT["hidden_size"]},
+        tie_word_embeddings=True,
+        **qwen_token_ids(tokenizer),
+    )
+
+
+def write_qwen3_vl_embedding(out_dir: Path) -> None:
+    """Qwen3-VL-Embedding's files: a Qwen3VLForConditionalGeneration checkpoint (as the hub's config.json says),
+    Qwen3-VL's image processor (patch 16, mean = std = 0.5), a chat template, and the Sentence Transformers
+    modules.json + 1_Pooling/config.json (last-token pooling) by which the kind is detected."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    tokenizer = qwen_tokenizer()
+    save_model(Qwen3VLForConditionalGeneration(qwen3_embedding_config(tokenizer)), out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_TOKENS * 32 * 32, max_pixels=QWEN_MAX_TOKENS * 32 * 32,
+                             patch_size=16, temporal_patch_size=2, merge_size=2, resample=BICUBIC,
+                             image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(out_dir)
+    tokenizer.chat_template = QWEN3_CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "modules.json").write_text(json.dumps(ST_MODULES, indent=2))
+    (out_dir / "1_Pooling").mkdir(exist_ok=True)
+    pooling = {"embedding_dimension": QWEN_TEXT["hidden_size"], "pooling_mode": "lasttoken", "include_prompt": True}
+    (out_dir / "1_Pooling" / "config.json").write_text(json.dumps(pooling, indent=2))
+
+
+def qwen3_image_processor() -> Qwen2VLImageProcessorPil:
+    """Qwen3-VL's preprocessing (its preprocessor_config.json: patch 16, mean = std = 0.5) in the tiny token budget."""
+    return Qwen2VLImageProcessorPil(min_pixels=QWEN_MIN_TOKENS * 32 * 32, max_pixels=QWEN_MAX_TOKENS * 32 * 32,
+                                    patch_size=16, temporal_patch_size=2, merge_size=2, resample=BICUBIC,
+                                    image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
+def write_qwen3_vl(out_dir: Path) -> None:
+    """A Qwen3-VL chat model (for `kind: qwen_vl_features`): the architecture of qwen3_embedding_config (DeepStack
+    from both vision blocks), its image processor and tokenizer files. Its word embeddings are untied, as
+    Qwen3-VL-8B's: tied at toy size, greedy generation repeats the prompt's last token whatever the image."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    tokenizer = qwen_tokenizer()
+    config = qwen3_embedding_config(tokenizer)
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+    save_model(Qwen3VLForConditionalGeneration(config), out_dir)
+    qwen3_image_processor().save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
 FAMILIES: dict[str, Callable[[Path], None]] = {
     "clip": write_clip,
     "siglip": write_siglip,
@@ -450,6 +526,8 @@ FAMILIES: dict[str, Callable[[Path], None]] = {
     "biqwen2_5": write_biqwen2_5,
     "colqwen2": write_colqwen2,
     "colpali": write_colpali,
+    "qwen3_vl_embedding": write_qwen3_vl_embedding,
+    "qwen3_vl": write_qwen3_vl,
 }
 
 

@@ -52,6 +52,7 @@ def test_root_may_be_a_list(tmp_path: Path) -> None:
         ({"input": {"root": str(IMAGES)}, "encoder": {"batch_size": "many"}}, [], "encoder.batch_size"),
         ({"input": {"root": str(IMAGES)}, "run": {"max_error_rate": 2}}, [], "run.max_error_rate"),
         ({"input": {"root": str(IMAGES)}, "decode": {"workers": 0}}, [], "decode.workers"),
+        ({"input": {"root": str(IMAGES)}, "encoder": {"dim": 0}}, [], "encoder.dim"),
         ({"input": {"root": "no/such/folder"}}, [], "input.root: folder does not exist"),
         ({"input": {"root": "config.yaml"}}, [], "input.root: is a file, not a folder"),
         ({"encoder": {"batch_size": 4}}, [], "input: required key is missing"),

@@ -21,6 +21,9 @@ MULTIVECTOR_TYPE = FLOAT16
 
 def wrap_encoder(encoder: Any, config: EncoderConfig) -> Any:
     """Apply pipeline options that change what an encoder returns (pyramid tiles)."""
+    if config.pool_factor and not getattr(encoder, "normalized", True):
+        raise ConfigError(f"encoder.pool_factor: {encoder.kind} stores features a model takes one per image token; "
+                          "pooling them would change what the model sees")
     if not config.pyramid or getattr(encoder, "grids", None) is not None:
         return encoder
     from pipeline.encode.pyramid import PyramidEncoder
@@ -72,6 +75,7 @@ def vector_sizes(encoder: Any, timer: Any) -> dict[str, Any]:
     multivector = bool(getattr(encoder, "multivector", False))
     per_image = timer.vectors / timer.images if multivector and timer.vectors else 1.0
     width = (MULTIVECTOR_TYPE if multivector else FLOAT32).bit_width // 8
+    width *= 1 + getattr(encoder, "deepstack_layers", 0)  # Qwen3-VL features: each token's DeepStack layers too
     return {"vectors_per_image": per_image, "embedding_bytes_per_image": per_image * encoder.dim * width}
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.index.schema import error_rows, image_rows, is_multivector
+from pipeline.index.schema import DEEPSTACK, error_rows, image_rows, is_multivector, unpack_deepstack, vector_field
 from pipeline.index.sinks.base import Sink
 from pipeline.records import DecodeResult, Embedded
 
@@ -31,8 +31,11 @@ class ShardCommitter:
         self.sinks, self.schema, self.model, self.shard_size = sinks, schema, model, shard_size
         self.multivector, self.row_extras = is_multivector(schema), row_extras
         self._extra_names = [f.name for f in schema if f.name not in (*IMAGE_META, "model", "embedding",
-                                                                        "n_vectors", "indexed_at")]
-        self._images: dict[str, list[Any]] = {name: [] for name in (*IMAGE_META, *self._extra_names)}
+                                                                        "n_vectors", DEEPSTACK, "indexed_at")]
+        # Qwen3-VL feature rows arrive packed with their DeepStack layers (index.schema.DEEPSTACK)
+        self._deepstack = DEEPSTACK in schema.names
+        self._images: dict[str, list[Any]] = {
+            name: [] for name in (*IMAGE_META, *self._extra_names, *([DEEPSTACK] if self._deepstack else []))}
         self._vectors: list[np.ndarray] = []  # (n, dim) per event, or one (n_i, dim) per row (multi-vector)
         self._errors: dict[str, list[Any]] = {name: [] for name in ERROR_META}
         self._flipped: dict[str, list[dict[str, str]]] = {"images": [], "errors": []}
@@ -67,7 +70,9 @@ class ShardCommitter:
                         self._images[name].append(extras[name])
                 if key["was_in"] == "errors":
                     self._flipped["errors"].append({"root": key["root"], "path": key["path"]})
-            if self.multivector:
+            if self._deepstack:
+                self._add_deepstack(event.vectors)  # type: ignore[arg-type]
+            elif self.multivector:
                 self._vectors.extend(event.vectors)
             else:
                 self._vectors.append(event.vectors)
@@ -82,6 +87,15 @@ class ShardCommitter:
                 self._flipped["images"].append({"root": key["root"], "path": key["path"]})
         if self._buffered >= self.shard_size:
             self.commit()
+
+    def _add_deepstack(self, packed_rows: list[np.ndarray]) -> None:
+        """Split each packed row into its embedding and DeepStack layers, kept as float16 as stored (a row of a
+        2B model's 1,024 image tokens is 16 MiB so, 32 MiB in float32)."""
+        dim = vector_field(self.schema).list_size
+        for packed in packed_rows:
+            embedding, layers = unpack_deepstack(np.asarray(packed, np.float16), dim)
+            self._vectors.append(embedding)
+            self._images[DEEPSTACK].append(layers)
 
     def commit(self) -> None:
         if self._buffered == 0:

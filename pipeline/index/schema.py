@@ -15,6 +15,11 @@ FLOAT32 = pa.float32()
 FLOAT16 = pa.float16()
 # Where each vector of a pyramid-tile row came from: grid level, row and column (level 0 = whole image)
 TILE_TYPE = pa.struct([("level", pa.int8()), ("row", pa.int8()), ("col", pa.int8())])
+# Qwen3-VL's DeepStack: beside the image tokens' features (`embedding`) its language model takes those of a few
+# vision layers, a vector per image token each. A row stores one list of per-token vectors per layer; from the
+# encoder to the commit (and in the reuse of identical bytes) a row's tokens travel packed, (n, (1 + layers) * dim),
+# the embedding first.
+DEEPSTACK = "deepstack"
 
 
 def images_schema(dim: int, vector_type: pa.DataType = FLOAT32, multivector: bool = False,
@@ -38,6 +43,47 @@ def images_schema(dim: int, vector_type: pa.DataType = FLOAT32, multivector: boo
     fields.extend((extra_fields or {}).items())
     fields.append(("indexed_at", TIMESTAMP))
     return pa.schema(fields)
+
+
+def deepstack_type(dim: int) -> pa.DataType:
+    """list (layers) of list (image tokens) of fixed_size_list<float16>[dim], as the multi-vector embedding."""
+    return pa.list_(pa.list_(pa.list_(FLOAT16, dim)))
+
+
+def pack_deepstack(embedding: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """(n, dim) and (layers, n, dim) -> (n, (1 + layers) * dim)."""
+    return np.concatenate([embedding, *layers], axis=1)
+
+
+def unpack_deepstack(packed: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, (1 + layers) * dim) -> the embedding (n, dim) and the layers (layers, n, dim)."""
+    stacked = packed.reshape(len(packed), -1, dim).transpose(1, 0, 2)
+    return stacked[0], stacked[1:]
+
+
+def _offsets(counts: list[int]) -> pa.Array:
+    return pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32))
+
+
+def deepstack_column(values: list[np.ndarray], kind: pa.DataType) -> pa.Array:
+    """One (layers, n, dim) array per row -> the column, built from offsets (not from Python lists)."""
+    vector = kind.value_type.value_type
+    flat = np.concatenate([v.reshape(-1) for v in values]) if values else np.zeros(0)
+    vectors = pa.FixedSizeListArray.from_arrays(
+        pa.array(np.ascontiguousarray(flat, vector.value_type.to_pandas_dtype())), vector.list_size)
+    layers = pa.ListArray.from_arrays(_offsets([v.shape[1] for v in values for _ in range(len(v))]), vectors,
+                                      type=kind.value_type)
+    return pa.ListArray.from_arrays(_offsets([len(v) for v in values]), layers, type=kind)
+
+
+def deepstack_of(column: pa.Array | pa.ChunkedArray) -> list[np.ndarray]:
+    """A deepstack column -> one float32 (layers, n, dim) array per row."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    dim = column.type.value_type.value_type.list_size
+    rows, tokens = column.offsets.to_numpy(), column.values.offsets.to_numpy()
+    flat = column.values.values.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
+    return [flat[tokens[start]:tokens[end]].reshape(end - start, -1, dim) for start, end in zip(rows[:-1], rows[1:])]
 
 
 def is_multivector(schema: pa.Schema) -> bool:
@@ -109,7 +155,9 @@ def image_rows(meta: dict[str, list], embeddings: np.ndarray | list[np.ndarray],
     if is_multivector(schema):
         columns["n_vectors"] = pa.array(counts, pa.int32())
     for field in schema:
-        if field.name not in columns and field.name != "indexed_at":
+        if field.name == DEEPSTACK:
+            columns[field.name] = deepstack_column(meta[field.name], field.type)
+        elif field.name not in columns and field.name != "indexed_at":
             columns[field.name] = pa.array(meta[field.name], field.type)
     columns["indexed_at"] = pa.array([now_utc()] * n, TIMESTAMP)
     return pa.table(columns, schema=schema)

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.index.schema import KEY_COLUMNS, vectors_of
+from pipeline.index.schema import DEEPSTACK, KEY_COLUMNS, deepstack_of, pack_deepstack, vectors_of
 
 # Beyond this many candidate rows the lookup is skipped (and files are simply encoded): a rename
 # detector must not load half the index into memory on a night when everything changed.
@@ -17,7 +17,7 @@ MAX_PRELOADED_VECTORS = 200_000
 
 @dataclass
 class Known:
-    vector: np.ndarray  # (dim,), or (n, dim) for multi-vector rows
+    vector: np.ndarray  # (dim,), or (n, dim) for multi-vector rows (packed with DeepStack layers: index.schema)
     width: int
     height: int
 
@@ -45,6 +45,8 @@ class VectorReuse:
         self._known: dict[str, Known] = {}
         if known_rows.num_rows:
             vectors = vectors_of(known_rows["embedding"])
+            if DEEPSTACK in known_rows.column_names:  # as the encoder gives them: packed with their layers
+                vectors = [pack_deepstack(v, layers) for v, layers in zip(vectors, deepstack_of(known_rows[DEEPSTACK]))]
             for index, (digest, width, height) in enumerate(zip(
                     known_rows["content_hash"].to_pylist(), known_rows["width"].to_pylist(),
                     known_rows["height"].to_pylist())):
@@ -71,9 +73,11 @@ class VectorReuse:
 
 
 def load_known_rows(sink: object, pending: pa.Table, images: pa.Table) -> pa.Table:
-    """Fetch the vectors of candidate rows from the primary sink (before anything is deleted)."""
+    """Fetch the vectors of candidate rows from the primary sink (before anything is deleted), with their
+    DeepStack layers where the table has them (Qwen3-VL feature rows)."""
     keys = candidate_keys(pending, images)
     if keys.num_rows == 0 or keys.num_rows > MAX_PRELOADED_VECTORS:
         return pa.table({"content_hash": pa.array([], pa.string()), "width": pa.array([], pa.int32()),
                          "height": pa.array([], pa.int32()), "embedding": pa.array([], pa.list_(pa.float32()))})
-    return sink.rows_for_keys(keys, ["content_hash", "width", "height", "embedding"])  # type: ignore[attr-defined]
+    columns = ["content_hash", "width", "height", "embedding", DEEPSTACK]  # a column the table lacks is left out
+    return sink.rows_for_keys(keys, columns)  # type: ignore[attr-defined]

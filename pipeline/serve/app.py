@@ -167,11 +167,17 @@ async def _unless_gone(request: Request, work: Coroutine[Any, Any, T]) -> T:
     return task.result()
 
 
-def _stack(decoded: list[Decoded]) -> np.ndarray:
+def _stack(decoded: list[Decoded], image_list: bool) -> np.ndarray | list[np.ndarray]:
+    """One uint8 batch, or for a variable-resolution model the list of images at their own sizes."""
+    if image_list:
+        return [image for d in decoded for image in d.pixels]
     return decoded[0].pixels if len(decoded) == 1 else np.concatenate([d.pixels for d in decoded])
 
 
 async def _embed_images(state: ServerState, request: EmbedRequest) -> bytes:
+    if request.pyramid and state.batcher.image_list:
+        raise ApiError(400, f"pyramid: model {state.model_name!r} takes images at their own resolution, not tiles",
+                       "invalid_pyramid", "pyramid")
     started = time.perf_counter()
     results = await state.decoders.decode(request.items, request.max_image_pixels, request.pyramid)
     state.metrics.decode_seconds.observe(time.perf_counter() - started)
@@ -180,7 +186,8 @@ async def _embed_images(state: ServerState, request: EmbedRequest) -> bytes:
             raise ApiError(result.status, f"input[{index}]: {result.reason}", result.code, f"input[{index}]",
                            reason=result.reason)
     decoded: list[Decoded] = results  # type: ignore[assignment]
-    vectors = await state.batcher.embed_images(await asyncio.to_thread(_stack, decoded))  # 4,096 tiles: 0.6 GB
+    stacked = await asyncio.to_thread(_stack, decoded, state.batcher.image_list)  # 4,096 tiles: 0.6 GB
+    vectors = await state.batcher.embed_images(stacked)
     state.metrics.items.labels("image").inc(len(decoded))
     state.metrics.vectors.inc(len(vectors))
     return await asyncio.to_thread(

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Job:
-    images: np.ndarray | None  # uint8 (n, H, W, 3)
+    images: np.ndarray | list[np.ndarray] | None  # uint8 (n, H, W, 3); variable resolution: n of (H_i, W_i, 3)
     texts: list[str] | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[np.ndarray]
@@ -58,10 +58,13 @@ class Batcher:
         self.on_batch = on_batch  # (kind, size, seconds) after each forward pass: metrics
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._deferred: collections.deque[_Job] = collections.deque()  # taken, of the other kind, or partial
-        height, width, _ = encoder.input_spec().output_shape
-        pin = encoder.device.type == "cuda"
-        self._buffer = torch.empty((batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pin)
-        self._staging = self._buffer.numpy()  # filled through NumPy: a plain memcpy
+        # Variable-resolution models (Qwen3-VL-Embedding) take a list of images of their own sizes.
+        self.image_list = encoder.input_spec().dynamic
+        if not self.image_list:
+            height, width, _ = encoder.input_spec().output_shape
+            pin = encoder.device.type == "cuda"
+            self._buffer = torch.empty((batch_size, height, width, 3), dtype=torch.uint8, pin_memory=pin)
+            self._staging = self._buffer.numpy()  # filled through NumPy: a plain memcpy
         self._thread = threading.Thread(target=self._run, name="encoder", daemon=True)
         self._stopped = False
 
@@ -78,7 +81,7 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def embed_images(self, pixels: np.ndarray) -> np.ndarray:
+    async def embed_images(self, pixels: np.ndarray | list[np.ndarray]) -> np.ndarray:
         loop = asyncio.get_running_loop()
         return await self._submit(_Job(pixels, None, loop, loop.create_future()))
 
@@ -130,6 +133,9 @@ class Batcher:
         return parts
 
     def _encode(self, parts: list[tuple[_Job, int, int]]) -> np.ndarray:
+        if parts[0][0].images is not None and self.image_list:
+            images = [torch.from_numpy(image) for job, start, end in parts for image in job.images[start:end]]
+            return torch.cat(self.encoder.encode_image_list(images)).to("cpu", torch.float32).numpy()
         if parts[0][0].images is not None:
             count = 0
             for job, start, end in parts:

@@ -50,9 +50,9 @@ def build_state(config: Config) -> ServerState:
     api_key = _api_key(config)
     encoder = load_encoder(config.encoder, describe_model(config.encoder))
     spec = encoder.input_spec()
-    if encoder.multivector or spec.dynamic:
-        raise ConfigError(f"encoder.model: {encoder.name} is a multi-vector or variable-resolution model; "
-                          "`embindex serve` serves single-vector, fixed-resolution models for now")
+    if encoder.multivector:
+        raise ConfigError(f"encoder.model: {encoder.name} is a multi-vector model; `embindex serve` serves "
+                          "single-vector models for now")
     metrics = Metrics()
     serve = config.serve
     workers = usable_cores() if serve.decode_workers == "auto" else serve.decode_workers

@@ -365,7 +365,7 @@ def test_varlen_interface_gives_the_sdpa_vectors(tiny_models: Path) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="varlen attention runs on CUDA only")
 @pytest.mark.parametrize(("family", "kind"), [("colqwen2_5", "auto"), ("colqwen2", "auto"),
-                                              ("qwen_vl", "qwen_vl_features")])
+                                              ("qwen_vl", "qwen_vl_features"), ("qwen3_vl", "qwen_vl_features")])
 def test_varlen_attention_matches_sdpa_on_cuda(tiny_models: Path, family: str, kind: str) -> None:
     """On CUDA in bfloat16 the vision tower uses torch's varlen kernel: the same vectors as sdpa."""
     from pipeline.encode.models.varlen import ATTENTION_NAME, set_vision_attention

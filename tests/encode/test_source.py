@@ -63,6 +63,10 @@ PROCESSOR_FILES: dict[str, dict[str, Any]] = {
     "qwen2_5_vl_size_and_max": {**QWEN, "size": {"shortest_edge": 3136, "longest_edge": 12845056},
                                 "max_pixels": 602112},
     "qwen_defaults": {"image_processor_type": "Qwen2VLImageProcessor"},
+    # Qwen/Qwen3-VL-2B-Instruct's preprocessor_config.json: patch 16, 256x256..4096x4096 pixels, mean = std = 0.5
+    "qwen3_vl": {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+                 "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+                 "processor_class": "Qwen3VLProcessor", "image_processor_type": "Qwen2VLImageProcessorFast"},
     "qwen_null_bound": {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": None, "max_pixels": 1003520},
 }
 
@@ -117,6 +121,21 @@ def test_identity_and_spec_match_transformers(tiny_models: Path, family: str, mo
     _same_fields(light.processor, slow.processor)
 
 
+def test_a_qwen3_vl_chat_model_is_described_as_through_transformers(tiny_models: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its config.json and image processor are read here; the spec is Qwen3-VL's: sides multiples of 32."""
+    config = EncoderConfig(model=str(tiny_models / "qwen3_vl"), kind="qwen_vl_features", device="cpu")
+    light, slow = describe_model(config), _transformers_describe(config, monkeypatch)
+    assert type(light.processor).__name__ == "ImageProcessorSettings"
+    assert light.identity() == slow.identity() and light.spec == slow.spec
+    assert (light.spec.factor, light.spec.min_pixels, light.spec.max_pixels) == (32, 4 * 1024, 64 * 1024)
+    _same_fields(light.processor, slow.processor)
+    # encoder.quality counts tokens, 32x32 pixels each here (28x28 for Qwen2/2.5-VL)
+    fast = describe_model(EncoderConfig(model=str(tiny_models / "qwen3_vl"), kind="qwen_vl_features", device="cpu",
+                                        quality="fast")).spec
+    assert (fast.min_pixels, fast.max_pixels) == (128 * 1024, 256 * 1024)
+
+
 @pytest.mark.parametrize("name", sorted(PROCESSOR_FILES))
 def test_processor_files_read_as_transformers_reads_them(tmp_path: Path, name: str) -> None:
     data = PROCESSOR_FILES[name]
@@ -168,7 +187,8 @@ def test_no_processor_file_goes_to_transformers(tmp_path: Path) -> None:
     assert read_image_processor(str(tmp_path), None, False) is None
 
 
-@pytest.mark.parametrize("family", ["clip", "siglip", "dinov2", "colqwen2", "colqwen2_5", "colpali", "qwen_vl"])
+@pytest.mark.parametrize("family", ["clip", "siglip", "dinov2", "colqwen2", "colqwen2_5", "colpali", "qwen_vl",
+                                    "qwen3_vl"])
 def test_config_json_read_as_autoconfig_reads_it(tiny_models: Path, family: str) -> None:
     light = read_model_config(str(tiny_models / family), None, False)
     config = AutoConfig.from_pretrained(tiny_models / family)

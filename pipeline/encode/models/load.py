@@ -34,7 +34,7 @@ def _load_vision_language(described: ModelSource) -> Encoder:
     import torch
 
     module = {"colqwen2_5": "colqwen2_5", "biqwen2_5": "colqwen2_5", "colqwen2": "colqwen2", "colpali": "colpali",
-              "qwen_vl_features": "qwen_features"}[described.kind]
+              "qwen_vl_features": "qwen_features", "qwen3_vl_embedding": "qwen3_embedding"}[described.kind]
     try:
         encoder = importlib.import_module(f"pipeline.encode.models.{module}").load(described)
     except (OSError, ValueError) as exc:

@@ -13,17 +13,24 @@ from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Kinds whose images keep their own (smart-resized) size: one language-model token per 28x28 pixels.
-DYNAMIC_KINDS = ("colqwen2", "colqwen2_5", "biqwen2_5", "qwen_vl_features")
+# Kinds whose images keep their own (smart-resized) size: one language-model token per (patch * merge)^2 pixels,
+# 28x28 for Qwen2/2.5-VL, 32x32 for Qwen3-VL.
+DYNAMIC_KINDS = ("colqwen2", "colqwen2_5", "biqwen2_5", "qwen_vl_features", "qwen3_vl_embedding")
+# Kinds whose published recipe sets the pixel bounds, not the processor's file: Qwen3VLEmbedder resizes each
+# image to 4..1800 tokens of 32x32 pixels itself (qwen_vl_utils) and calls its processor with do_resize=False.
+RECIPE_PIXELS = {"qwen3_vl_embedding": (4 * 32 * 32, 1800 * 32 * 32)}
 VLM_KINDS = (*DYNAMIC_KINDS, "colpali")
 
 
-def pixel_budget(config: EncoderConfig, image_processor: Any) -> tuple[int, int]:
-    """(min_pixels, max_pixels): encoder.min/max_pixels, else encoder.quality, else the model processor's own."""
+def pixel_budget(config: EncoderConfig, image_processor: Any,
+                 defaults: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(min_pixels, max_pixels): encoder.min/max_pixels, else encoder.quality, else `defaults` (a recipe's own),
+    else the model processor's own."""
     size = image_processor.size  # Qwen2VLImageProcessor keeps them as shortest_edge / longest_edge
-    low, high = size["shortest_edge"], size["longest_edge"]
-    if config.quality is not None:
-        low, high = QUALITY_PIXELS[config.quality]
+    low, high = defaults or (size["shortest_edge"], size["longest_edge"])
+    if config.quality is not None:  # presets count tokens: 28x28 pixels each in QUALITY_PIXELS, 32x32 for Qwen3-VL
+        token_pixels = int(image_processor.patch_size * image_processor.merge_size) ** 2
+        low, high = (bound // (28 * 28) * token_pixels for bound in QUALITY_PIXELS[config.quality])
     low = config.min_pixels if config.min_pixels is not None else low
     high = config.max_pixels if config.max_pixels is not None else high
     if low > high:
@@ -62,7 +69,7 @@ def vlm_input_spec(kind: str, image_processor: Any, config: EncoderConfig) -> In
     """The dynamic-resolution spec of a Qwen-VL kind; None (the processor's fixed spec) for the others, where
     a pixel budget in the config is an error."""
     if kind in DYNAMIC_KINDS:
-        return qwen_input_spec(image_processor, *pixel_budget(config, image_processor))
+        return qwen_input_spec(image_processor, *pixel_budget(config, image_processor, RECIPE_PIXELS.get(kind)))
     check_no_pixel_bounds(config, kind)
     return None
 

@@ -24,9 +24,12 @@ from pipeline.errors import ConfigError, ModelLoadError
 # config.json model_type -> encoder kind. Fixed-resolution SigLIP2 checkpoints are model_type "siglip".
 KIND_BY_MODEL_TYPE = {"clip": "clip", "siglip": "siglip", "dinov2": "dinov2", "colqwen2": "colqwen2",
                       "colpali": "colpali"}
+# Qwen3-VL (dense and MoE): patch 16, so a language-model token per 32x32 pixels, and DeepStack features.
+QWEN3_VL_TYPES = ("qwen3_vl", "qwen3_vl_moe")
 # The model_type each vision-language kind loads (a forced encoder.kind is checked against it).
 VLM_MODEL_TYPES = {"colqwen2": ("colqwen2",), "colpali": ("colpali",), "colqwen2_5": ("qwen2_5_vl",),
-                   "biqwen2_5": ("qwen2_5_vl",), "qwen_vl_features": ("qwen2_5_vl",)}
+                   "biqwen2_5": ("qwen2_5_vl",), "qwen_vl_features": ("qwen2_5_vl", *QWEN3_VL_TYPES),
+                   "qwen3_vl_embedding": ("qwen3_vl",)}
 
 
 def _qwen_vl_kind(model_config: Any, adapter: Any) -> str:
@@ -39,10 +42,12 @@ def _qwen_vl_kind(model_config: Any, adapter: Any) -> str:
         if "BiQwen2_5" in architectures or adapter is not None:
             return "biqwen2_5"
     features = " set encoder.kind to qwen_vl_features to store its vision features, or" \
-        if model_config.model_type == "qwen2_5_vl" else ""
+        if model_config.model_type in VLM_MODEL_TYPES["qwen_vl_features"] else ""
     raise ConfigError(
         f"encoder.kind: a {model_config.model_type} model {architectures} is a chat model, not a retrieval model:"
         f"{features} point encoder.model at a ColQwen2.5 / ColNomic / Nomic checkpoint or adapter"
+        + (" (a Qwen3-VL-Embedding copy without its modules.json: set encoder.kind to qwen3_vl_embedding)"
+           if model_config.model_type == "qwen3_vl" else "")
     )
 
 
@@ -53,7 +58,7 @@ def detect_kind(model_config: Any, requested: str, adapter: Any = None) -> str:
                           f"not {model_type!r}")
     if requested != "auto":
         return requested
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
+    if model_type in ("qwen2_vl", "qwen2_5_vl", *QWEN3_VL_TYPES):
         return _qwen_vl_kind(model_config, adapter)
     if model_type == "siglip2":
         raise ConfigError(
@@ -72,7 +77,7 @@ def detect_kind(model_config: Any, requested: str, adapter: Any = None) -> str:
 # nothing new free of transformers (4.2 s to import on the H200 machine): its config classes import their
 # modeling and generation code (scikit-learn when installed, 3.2 s), its image processors torchvision
 # (6.5 s, torch._dynamo 5.4 s of it). Anything these readers do not know goes through transformers as before.
-LIGHT_MODEL_TYPES = {*KIND_BY_MODEL_TYPE, "qwen2_vl", "qwen2_5_vl", "siglip2"}
+LIGHT_MODEL_TYPES = {*KIND_BY_MODEL_TYPE, "qwen2_vl", "qwen2_5_vl", *QWEN3_VL_TYPES, "siglip2"}
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 # transformers 5's class defaults (the same for its PIL and torchvision backends) of the image processors of
 # the supported families, for the fields a file leaves out; tests/encode/test_source.py checks them.
@@ -258,13 +263,14 @@ class ModelSource:
     # encoder.dtype when the weights are not all `dtype`: "float8" (its vision Linear layers, models/float8.py).
     # The identity records it, so float8 vectors never mix into a bfloat16 index.
     precision: str | None = None
+    dim: int | None = None  # encoder.dim (Matryoshka): stated in the identity before the weights are loaded
 
     @property
     def name(self) -> str:
         return self.source if self.revision is None else f"{self.source}@{self.revision}"
 
     def identity(self) -> dict[str, Any]:
-        """The encoder fingerprint less the embedding dimension (known only once loaded)."""
+        """The encoder fingerprint less the embedding dimension (known only once loaded, unless encoder.dim sets it)."""
         spec = self.spec or input_spec_from_processor(self.processor)
         if spec.dynamic:
             from pipeline.encode.models.multivector import spec_identity
@@ -281,6 +287,7 @@ class ModelSource:
             "kind": self.kind,
             "dtype": self.precision or str(self.dtype).removeprefix("torch."),
             "preprocess": preprocess,
+            **({"dim": self.dim} if self.dim is not None else {}),
         }
 
 
@@ -288,6 +295,9 @@ def describe_model(config: EncoderConfig) -> ModelSource:
     """Read config.json and the image processor (small files), not the weights: read here where the readers
     above know the family and the processor, else through transformers."""
     if config.kind == "http":  # a remote endpoint: nothing to read here (see models/http.py)
+        from pipeline.encode.models.qwen3_embedding import check_dim_applies
+
+        check_dim_applies(config, config.kind)
         if config.dtype == "float8":
             check_float8(resolve_device(config.device), config.kind)
         from pipeline.encode.models.http import describe_http
@@ -318,7 +328,11 @@ def describe_model(config: EncoderConfig) -> ModelSource:
             if adapter is not None:
                 raise base_load_error(adapter, exc) from None
             raise load_error(source, exc) from None
-    kind = detect_kind(model_config, config.kind, adapter)
+    from pipeline.encode.models.qwen3_embedding import check_dim_applies, requested_kind
+
+    requested = requested_kind(config.kind, model_config, weights_source, weights_revision, weights_offline)
+    kind = detect_kind(model_config, requested, adapter)
+    check_dim_applies(config, kind)
     processor_source = source if adapter is None or adapter.has_file("preprocessor_config.json") else adapter.base
     own = processor_source == source
     processor_revision, processor_offline = (revision, offline) if own else (None, weights_offline)
@@ -330,6 +344,10 @@ def describe_model(config: EncoderConfig) -> ModelSource:
             processor = AutoImageProcessor.from_pretrained(processor_source, revision=processor_revision,
                                                            local_files_only=processor_offline)
         except (OSError, ValueError) as exc:
+            if kind in VLM_MODEL_TYPES and os.path.isdir(processor_source):  # e.g. a video processor alone
+                raise ModelLoadError(f"encoder.model: {processor_source} has no image processor "
+                                     f"(preprocessor_config.json): {kind} embeds still images and takes their "
+                                     "resolution from it") from None
             raise load_error(source, exc) from None
     from pipeline.encode.models.multivector import vlm_input_spec
 
@@ -348,4 +366,4 @@ def describe_model(config: EncoderConfig) -> ModelSource:
                        offline, bool(getattr(model_config, "embindex_smoke_test", False)), spec, adapter,
                        tokenizer_source,
                        {"revision": weights_revision, "local_files_only": weights_offline},
-                       precision="float8" if config.dtype == "float8" else None)
+                       precision="float8" if config.dtype == "float8" else None, dim=config.dim)

@@ -25,7 +25,7 @@ class Sink(Protocol):
         ...
 
     def rows_for_keys(self, keys: pa.Table, columns: list[str]) -> pa.Table:
-        """The `columns` of the `images` rows whose (root, path) is in keys."""
+        """The `columns` of the `images` rows whose (root, path) is in keys; columns the table lacks are left out."""
         ...
 
     def delete(self, keys: pa.Table, which: Which) -> None:

@@ -75,7 +75,9 @@ class LanceSink:
     def rows_for_keys(self, keys: pa.Table, columns: list[str]) -> pa.Table:
         table = self._table("images")
         if table is None or keys.num_rows == 0:
-            return pa.schema([images_schema(1).field(c) for c in columns]).empty_table()
+            known = images_schema(1)
+            return pa.schema([known.field(c) for c in columns if c in known.names]).empty_table()
+        columns = [c for c in columns if c in table.schema.names]
         parts = [table.search().where(p).select(columns).limit(None).to_arrow() for p in key_predicates(keys)]
         return pa.concat_tables(parts).select(columns)
 

@@ -69,6 +69,9 @@ class ParquetSink:
         return self.read(which, EXISTING_IMAGE_COLUMNS if which == "images" else EXISTING_ERROR_COLUMNS)
 
     def rows_for_keys(self, keys: pa.Table, columns: list[str]) -> pa.Table:
+        parts = self._parts("images")
+        if parts:  # every part has the table's schema (a new one means a rebuild)
+            columns = [c for c in columns if c in pq.read_schema(parts[0]).names]
         rows = self.read("images", sorted(set(columns) | {"root", "path"}))
         return rows.filter(keys_in(rows, keys)).select(columns)
 
