@@ -155,15 +155,11 @@ QWEN3_VL_EMBEDDING_2B = {
 EMBEDDING_MODELS = {"qwen3-vl-embedding-2b": QWEN3_VL_EMBEDDING_2B}
 
 
-def write_qwen3_vl_embedding(name: str, out_dir: Path, device: str) -> None:
-    """Qwen3-VL-Embedding's files, bfloat16, random weights: the checkpoint, Qwen3-VL's image processor (patch 16,
-    mean = std = 0.5; the pipeline resizes by the embedding recipe's own bounds) and the Sentence Transformers
-    modules.json + 1_Pooling/config.json by which `encoder.kind: auto` detects it."""
-    import json
-
+def write_qwen3_vl(arch: dict, out_dir: Path, device: str) -> None:
+    """A Qwen3-VL checkpoint of these sizes, bfloat16, random weights, its image processor (patch 16,
+    256x256..4096x4096 pixels, mean = std = 0.5) and a byte-level tokenizer with Qwen's special tokens at their ids."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    arch = EMBEDDING_MODELS[name]
     config = Qwen3VLConfig(
         text_config={**arch["text"], "bos_token_id": QWEN_SPECIALS["<|endoftext|>"],
                      "eos_token_id": QWEN_SPECIALS["<|im_end|>"], "pad_token_id": QWEN_SPECIALS["<|endoftext|>"]},
@@ -179,6 +175,15 @@ def write_qwen3_vl_embedding(name: str, out_dir: Path, device: str) -> None:
                              merge_size=2, resample=3, image_mean=[0.5, 0.5, 0.5],
                              image_std=[0.5, 0.5, 0.5]).save_pretrained(out_dir)
     byte_level_qwen_tokenizer().save_pretrained(out_dir)
+
+
+def write_qwen3_vl_embedding(name: str, out_dir: Path, device: str) -> None:
+    """Qwen3-VL-Embedding's files (write_qwen3_vl; the pipeline resizes by the embedding recipe's own bounds) and
+    the Sentence Transformers modules.json + 1_Pooling/config.json by which `encoder.kind: auto` detects it."""
+    import json
+
+    arch = EMBEDDING_MODELS[name]
+    write_qwen3_vl(arch, out_dir, device)
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]
@@ -194,27 +199,8 @@ CHAT_MODELS = {"qwen3-vl-2b-instruct": QWEN3_VL_EMBEDDING_2B}
 
 
 def write_qwen3_vl_chat(name: str, out_dir: Path, device: str) -> None:
-    """Qwen3-VL-2B-Instruct's files, bfloat16, random weights: the checkpoint (only its vision tower is loaded by
-    qwen_vl_features), its image processor (patch 16, 256x256..4096x4096 pixels, mean = std = 0.5) and a
-    byte-level tokenizer with Qwen's special tokens at their ids."""
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    arch = CHAT_MODELS[name]
-    config = Qwen3VLConfig(
-        text_config={**arch["text"], "bos_token_id": QWEN_SPECIALS["<|endoftext|>"],
-                     "eos_token_id": QWEN_SPECIALS["<|im_end|>"], "pad_token_id": QWEN_SPECIALS["<|endoftext|>"]},
-        vision_config=arch["vision"], tie_word_embeddings=arch["text"]["tie_word_embeddings"],
-        image_token_id=QWEN_SPECIALS["<|image_pad|>"], video_token_id=QWEN_SPECIALS["<|video_pad|>"],
-        vision_start_token_id=QWEN_SPECIALS["<|vision_start|>"], vision_end_token_id=QWEN_SPECIALS["<|vision_end|>"],
-    )
-    with torch.device(device):  # initialising 2 billion weights takes minutes on a CPU, seconds on a GPU
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    model.config.embindex_smoke_test = True  # random weights: runs are labelled, features mean nothing
-    model.save_pretrained(out_dir)
-    Qwen2VLImageProcessorPil(min_pixels=65536, max_pixels=16777216, patch_size=16, temporal_patch_size=2,
-                             merge_size=2, resample=3, image_mean=[0.5, 0.5, 0.5],
-                             image_std=[0.5, 0.5, 0.5]).save_pretrained(out_dir)
-    byte_level_qwen_tokenizer().save_pretrained(out_dir)
+    """Qwen3-VL-2B-Instruct's files (write_qwen3_vl): only its vision tower is loaded by qwen_vl_features."""
+    write_qwen3_vl(CHAT_MODELS[name], out_dir, device)
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from transformers import Qwen2_5_VLModel
 from pipeline.encode.models.multivector import (
     QwenPatchifier,
     VisionLanguageEncoder,
+    image_prompt_hidden,
     load_tokenizer,
-    pad_tokens,
     real_rows,
 )
 from pipeline.encode.models.peft_loading import load_pretrained
@@ -72,21 +72,7 @@ class _QwenRetrievalEncoder(VisionLanguageEncoder):
         return grid_h * grid_w // self.merge_unit + len(self._before) + len(self._after)
 
     def _image_hidden(self, images: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        pixel_values, grid_thw = self.patchify(images)
-        counts = (grid_thw.prod(-1) // self.merge_unit).tolist()
-        rows = [self._before + [self.image_token_id] * count + self._after for count in counts]
-        input_ids, attention_mask = pad_tokens(rows, self.pad_id, self.device, side="left")
-        output = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=grid_thw,
-            # Marks image tokens, so they get Qwen's 2-D positions (computed over real tokens only) as in
-            # colpali-engine; without it transformers 5 gives every token a 1-D position.
-            mm_token_type_ids=(input_ids == self.image_token_id).int(),
-            use_cache=False,
-        )
-        return output.last_hidden_state, attention_mask
+        return image_prompt_hidden(self, images, side="left")
 
     def _text_hidden(self, text: str) -> torch.Tensor:
         """One query at a time: no padding, so a query's vectors never depend on the others."""

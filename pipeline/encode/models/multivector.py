@@ -115,6 +115,27 @@ class QwenPatchifier:
         return torch.cat(patches), torch.tensor(grids, dtype=torch.long, device=self.device)
 
 
+def image_prompt_hidden(encoder: Any, images: list[torch.Tensor], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(last hidden states, attention mask) of a Qwen-VL model over one prompt per image, `encoder._before` +
+    the image's tokens + `encoder._after`, padded on `side` (ColQwen2.5: left, as colpali-engine; Qwen3-VL-Embedding:
+    right, as its processor)."""
+    pixel_values, grid_thw = encoder.patchify(images)
+    counts = (grid_thw.prod(-1) // encoder.merge_unit).tolist()
+    rows = [encoder._before + [encoder.image_token_id] * count + encoder._after for count in counts]
+    input_ids, attention_mask = pad_tokens(rows, encoder.pad_id, encoder.device, side=side)
+    output = encoder.model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        pixel_values=pixel_values,
+        image_grid_thw=grid_thw,
+        # Marks the image tokens (the processor's mm_token_type_ids), so they get Qwen's 2-D/3-D positions over
+        # real tokens only, as the recipes do; without it transformers 5 gives every token a 1-D position.
+        mm_token_type_ids=(input_ids == encoder.image_token_id).int(),
+        use_cache=False,
+    )
+    return output.last_hidden_state, attention_mask
+
+
 def pad_tokens(sequences: list[list[int]], pad_id: int, device: torch.device,
                side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows padded to one length; left (the colpali recipe: the last position is every row's last

@@ -22,8 +22,8 @@ from pipeline.decode.spec import InputSpec
 from pipeline.encode.models.multivector import (
     QwenPatchifier,
     VisionLanguageEncoder,
+    image_prompt_hidden,
     load_tokenizer,
-    pad_tokens,
 )
 from pipeline.errors import ConfigError
 
@@ -143,19 +143,7 @@ class Qwen3EmbeddingEncoder(VisionLanguageEncoder):
 
     @torch.inference_mode()
     def encode_image_list(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
-        pixel_values, grid_thw = self.patchify(images)
-        counts = (grid_thw.prod(-1) // self.merge_unit).tolist()
-        rows = [self._before + [self.image_token_id] * count + self._after for count in counts]
-        input_ids, attention_mask = pad_tokens(rows, self.pad_id, self.device, side="right")
-        hidden = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            pixel_values=pixel_values,
-            image_grid_thw=grid_thw,
-            # Marks the image tokens (the processor's mm_token_type_ids): they get Qwen's 3-D positions.
-            mm_token_type_ids=(input_ids == self.image_token_id).int(),
-            use_cache=False,
-        ).last_hidden_state
+        hidden, attention_mask = image_prompt_hidden(self, images, side="right")
         return list(self._pool(hidden, attention_mask)[:, None, :])
 
     @torch.inference_mode()
