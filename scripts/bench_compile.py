@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -28,10 +27,9 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gpu import _upscale  # noqa: E402 - sibling scripts
+from bench_gpu import _upscale, cli_run  # noqa: E402 - sibling scripts
 from gpu_report_check import _variant, build_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,24 +76,11 @@ def model_only(model_dir: str, batch_size: int, steps: int = 40) -> dict:
 def embindex(model_dir: str, corpus: Path, work: Path, name: str, batch_size: int, compile_setting: object,
              keep: bool = False) -> dict:
     """`embindex run` as a user runs it; a fresh index unless `keep` (an increment)."""
-    if not keep:
-        for leftover in (work / f"{name}-embeddings", work / f"{name}-runs"):
-            shutil.rmtree(leftover, ignore_errors=True)
-    config = work / f"{name}.yaml"
-    config.write_text(yaml.safe_dump({
-        "input": {"root": str(corpus)},
-        "encoder": {"model": model_dir, "device": DEVICE, "dtype": DTYPE, "batch_size": batch_size,
-                    "compile": compile_setting},
-        "output": {"lancedb": None, "parquet": {"dir": str(work / f"{name}-embeddings")}},
-        "run": {"report_dir": str(work / f"{name}-runs"), "shard_size": 8192},
-    }))
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--quiet"], cwd=REPO,
-                          capture_output=True, text=True)
-    command_s = time.perf_counter() - started
-    if done.returncode != 0:
-        return {"failed": done.returncode, "stderr": done.stderr[-3000:]}
-    report = json.loads(sorted((work / f"{name}-runs").glob("*/report.json"))[-1].read_text())
+    encoder = {"model": model_dir, "device": DEVICE, "dtype": DTYPE, "batch_size": batch_size,
+               "compile": compile_setting}
+    report, command_s, stderr = cli_run(work, name, corpus, encoder, keep=keep)
+    if report is None:
+        return {"failed": True, "stderr": stderr[-3000:]}
     return {**{k: report.get(k) for k in REPORT_KEYS}, "compile": report.get("compile"),
             "gpu_feed": report.get("gpu_feed"), "command_s": command_s,
             "wall_minus_embed_s": report["wall_s"] - report["embed_s"]}

@@ -89,25 +89,34 @@ def model_only(model_dir: str, batch_size: int, steps: int = 30) -> float:
     return steps * batch_size / (time.perf_counter() - started)
 
 
-def embindex(model_dir: str, corpus: Path, work: Path, batch_size: int, name: str, decode_device: str) -> dict:
-    name = f"{name}-{decode_device}-decode"
-    for leftover in (work / f"{name}-embeddings", work / f"{name}-runs"):  # a rerun would reuse every vector
-        shutil.rmtree(leftover, ignore_errors=True)
+def cli_run(work: Path, name: str, corpus: Path, encoder: dict, decode: dict | None = None,
+            keep: bool = False) -> tuple[dict | None, float, str]:
+    """`embindex run` as a user runs it (Parquet sink, shards of 8,192) into work/NAME-*: (its report or None if
+    it failed, the whole command's seconds, its stderr). A fresh index unless `keep` (an increment)."""
+    if not keep:  # a rerun would reuse every vector
+        for leftover in (work / f"{name}-embeddings", work / f"{name}-runs"):
+            shutil.rmtree(leftover, ignore_errors=True)
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump({
-        "input": {"root": str(corpus)},
-        "decode": {"device": decode_device},
-        "encoder": {"model": model_dir, "device": "cuda", "dtype": "bfloat16", "batch_size": batch_size},
+        "input": {"root": str(corpus)}, "decode": decode or {}, "encoder": encoder,
         "output": {"lancedb": None, "parquet": {"dir": str(work / f"{name}-embeddings")}},
         "run": {"report_dir": str(work / f"{name}-runs"), "shard_size": 8192},
     }))
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--quiet"], cwd=REPO,
                           capture_output=True, text=True)
-    outside_s = time.perf_counter() - started
+    command_s = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(f"embindex failed: {done.stderr[-3000:]}")
-    report = json.loads(sorted((work / f"{name}-runs").glob("*/report.json"))[-1].read_text())
+        return None, command_s, done.stderr
+    return json.loads(sorted((work / f"{name}-runs").glob("*/report.json"))[-1].read_text()), command_s, done.stderr
+
+
+def embindex(model_dir: str, corpus: Path, work: Path, batch_size: int, name: str, decode_device: str) -> dict:
+    encoder = {"model": model_dir, "device": "cuda", "dtype": "bfloat16", "batch_size": batch_size}
+    report, outside_s, stderr = cli_run(work, f"{name}-{decode_device}-decode", corpus, encoder,
+                                        {"device": decode_device})
+    if report is None:
+        raise SystemExit(f"embindex failed: {stderr[-3000:]}")
     keys = ("images_embedded", "images_encoded", "images_reused", "images_per_s", "embed_s", "processing_s",
             "model_load_s", "images_gpu_decoded", "gpu_busy_pct", "decode_wait_s", "first_decode_wait_s",
             "main_process_cpu_s", "stage_s", "peak_vram_nvml_mb", "decode_workers")
