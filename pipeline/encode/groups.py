@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.encode.flops import ImageFlops
 from pipeline.encode.pooling import pool_tokens
 from pipeline.encode.stream import EncodeTimer, pool_release
 from pipeline.plan.reuse import VectorReuse
@@ -55,6 +56,7 @@ class GroupEncoder:
 
     def __init__(self, encoder: object, timer: EncodeTimer, pool_factor: int | None) -> None:
         self.encoder, self.timer, self.pool_factor = encoder, timer, pool_factor
+        self.image_flops = ImageFlops(encoder)  # per image from its size (pyramid tiles: per tile), cached by size
 
     def encode(self, waiting: list[_Waiting]) -> Iterator[tuple[list[_Waiting], list[np.ndarray] | None, str | None]]:
         started = time.perf_counter()
@@ -80,6 +82,7 @@ class GroupEncoder:
             return
         self.timer.encode_s += time.perf_counter() - started
         self.timer.images += len(waiting)
+        self.timer.flops += sum(self.image_flops(*w.pixels.shape[-3:-1]) or 0.0 for w in waiting)
         self.timer.batch_sizes.append(len(waiting))
         yield waiting, vectors, None
 

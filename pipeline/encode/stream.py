@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from pipeline.decode.nvjpeg import GpuBatch
+from pipeline.encode.flops import ImageFlops
 from pipeline.encode.models.base import Encoder
 from pipeline.plan.reuse import VectorReuse
 from pipeline.records import DecodeResult, Embedded
@@ -48,6 +49,7 @@ class EncodeTimer:
     reused: int = 0  # images whose vector came from identical bytes instead
     gpu_decoded: int = 0  # images decoded by the GPU JPEG path
     batch_sizes: list[int] = field(default_factory=list)
+    flops: float = 0.0  # model FLOPs of the images encoded (encode/flops.py); 0 for an encoder it does not count
 
 
 def embed_stream(
@@ -68,6 +70,7 @@ def embed_stream(
     guarantees its non-blocking host-to-device copy has finished.
     """
     height, width, channels = encoder.input_spec().output_shape
+    image_flops = ImageFlops(encoder)(height, width) or 0.0  # one size: counted once
     pin = encoder.device.type == "cuda"
     buffers = [torch.empty((batch_size, height, width, channels), dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
     # Filled through NumPy views: a plain memcpy, where torch's copy_ would wake its CPU thread pool
@@ -94,6 +97,7 @@ def embed_stream(
         vectors = batch[0].wait()
         timer.encode_s += time.perf_counter() - started
         timer.images += len(batch[1])
+        timer.flops += len(batch[1]) * image_flops
         yield Embedded(batch[1], vectors)
         for item, vector in zip(batch[1], vectors):
             if reuse is not None and reuse.may_repeat(item.key["size_bytes"]):

@@ -69,6 +69,7 @@ def run_report(run_id: str, started_at: datetime, wall_s: float, batch_size: int
     loaded = encoder is not None or bool(embedding.ray_report)
     written, failed = (committer.rows_written, committer.errors_written) if committer else (0, 0)
     embed_s = embedding.embed_s
+    flops = timer.flops if timer.images else 0.0  # 0: an encoder encode/flops.py does not count (null below)
     return {
         "run_id": run_id,
         "started_at": started_at.isoformat(),
@@ -119,7 +120,13 @@ def run_report(run_id: str, started_at: datetime, wall_s: float, batch_size: int
         "images_per_s": written / embed_s if embed_s > 0 else 0.0,
         **vector_sizes(encoder, timer),
         "encode_images_per_s": timer.images / timer.encode_s if timer.encode_s > 0 else 0.0,
+        # Model FLOPs (encode/flops.py) against the GPU's limit (an H200: ~790 dense bf16 TFLOP/s): over the whole
+        # embedding phase, and over the main thread's time in the encoder alone.
+        "flops_per_image": flops / timer.images if flops else None,
+        "achieved_tflops": flops / embed_s / 1e12 if flops and embed_s > 0 else None,
+        "model_tflops": flops / timer.encode_s / 1e12 if flops and timer.encode_s > 0 else None,
         "peak_host_rss_mb": memory.peak_host_rss_mb,
+        "peak_host_pss_mb": memory.peak_host_pss_mb,
         "peak_main_rss_mb": memory.peak_main_rss_mb,
         "peak_workers_rss_mb": memory.peak_workers_rss_mb,
         "shards_committed": committer.shards if committer else 0,

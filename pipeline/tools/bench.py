@@ -16,7 +16,7 @@ from pipeline.runners.local import run_index
 log = logging.getLogger(__name__)
 
 TABLE_HEADER = ("| Batch Size | Peak VRAM | Processing Time | Images/s | Command | Decode s | Encode s | Write s "
-                "| GPU busy |")
+                "| GPU busy | Achieved TFLOP/s |")
 
 
 def _scratch_config(config: Config, batch_size: int, scratch: Path) -> Config:
@@ -76,6 +76,7 @@ def sweep(config: Config, batch_sizes: list[int], limit: int | None, out_dir: Pa
             "gpu_busy_pct": report.get("gpu_busy_pct"),
             "oom_halvings": report.get("oom_halvings", 0),  # grouped encoders split a batch that did not fit
             "vectors_per_image": report.get("vectors_per_image"),
+            "achieved_tflops": report.get("achieved_tflops"),  # None: an encoder encode/flops.py does not count
             "device": report["device"],
             "gpu_name": report["gpu_name"],
             "command": command,
@@ -84,18 +85,20 @@ def sweep(config: Config, batch_sizes: list[int], limit: int | None, out_dir: Pa
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|"]
+    lines = [TABLE_HEADER, "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "out_of_memory" in row:
             lines.append(f"| {row['batch_size']} | out of memory: {row['out_of_memory']} | — | — "
-                         f"| `{row['command']}` | — | — | — | — |")
+                         f"| `{row['command']}` | — | — | — | — | — |")
             continue
         vram = row["peak_vram_nvml_mb"] or row["peak_vram_reserved_mb"]
         busy = "—" if row["gpu_busy_pct"] is None else f"{row['gpu_busy_pct']:.0f} %"
         stage = row["stage_s"]
+        tflops = row.get("achieved_tflops")
+        achieved = "—" if tflops is None else f"{tflops:.3g}"
         lines.append(f"| {row['batch_size']} | {vram / 1024:.2f} GB | {row['processing_s']:.1f} s "
                      f"| {row['images_per_s']:.1f} | `{row['command']}` | {stage['decode']:.1f} | "
-                     f"{stage['encode']:.1f} | {stage['write']:.1f} | {busy} |")
+                     f"{stage['encode']:.1f} | {stage['write']:.1f} | {busy} | {achieved} |")
     return "\n".join(lines) + "\n"
 
 
