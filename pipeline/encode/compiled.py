@@ -152,10 +152,19 @@ def compile_encoder(encoder: Any, choice: CompileChoice, batch_size: int) -> Non
 
     height, width, _ = base.input_spec().output_shape
     started = time.perf_counter()
-    with torch.inference_mode():
-        forward(torch.zeros((batch_size, height, width, 3), dtype=torch.uint8, device=base.device))
-    if base.device.type == "cuda":
-        torch.cuda.synchronize(base.device)
+    try:
+        with torch.inference_mode():
+            forward(torch.zeros((batch_size, height, width, 3), dtype=torch.uint8, device=base.device))
+        if base.device.type == "cuda":
+            torch.cuda.synchronize(base.device)
+    except Exception as exc:  # no compiler toolchain, an op Inductor cannot lower: the eager model still runs
+        choice.compile_s = time.perf_counter() - started
+        if choice.reason.startswith("encoder.compile: true"):
+            raise ConfigError(f"encoder.compile: true, but compiling the encoder failed ({type(exc).__name__}: "
+                              f"{str(exc)[:300]}); set encoder.compile to false or auto") from exc
+        choice.enabled, choice.reason = False, f"{choice.reason}; the compile failed, running eager: {exc}"[:500]
+        log.warning("encoder.compile: the compile failed after %.1f s, running eager: %s", choice.compile_s, exc)
+        return
     choice.compile_s = time.perf_counter() - started
     base.forward = forward
     try:

@@ -75,3 +75,39 @@ def test_the_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatc
     assert compiled.cache_dir() == tmp_path / "embindex" / "torch-compile"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "given"))
     assert compiled.cache_dir() == tmp_path / "given"
+
+
+class _Failing:
+    """A stand-in encoder whose compile fails at its first call, as a missing compiler toolchain does."""
+
+    kind, multivector, device = "clip", False, None
+
+    def __init__(self) -> None:
+        import torch
+
+        self.device = torch.device("cpu")
+
+    def input_spec(self):  # noqa: ANN201
+        from pipeline.decode.spec import InputSpec
+
+        return InputSpec("shortest_edge", (8, 8), (8, 8))
+
+    def fingerprint(self) -> dict:
+        return {"model": "failing", "dtype": "float32"}
+
+    def forward(self, pixels):  # noqa: ANN001, ANN201
+        raise RuntimeError("no C compiler found")
+
+
+def test_a_failed_compile_runs_eager_under_auto_and_is_an_error_when_asked_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda fn: fn)  # the failure surfaces at the first call, as Inductor's
+    encoder = _Failing()
+    auto = compiled.CompileChoice(True, "auto: saves ~90 s", str(tmp_path))
+    compiled.compile_encoder(encoder, auto, 4)
+    assert auto.enabled is False and "the compile failed, running eager" in auto.reason
+    assert encoder.forward.__func__ is _Failing.forward  # the eager forward is kept
+    with pytest.raises(ConfigError, match="encoder.compile: true, but compiling the encoder failed"):
+        compiled.compile_encoder(encoder, compiled.CompileChoice(True, "encoder.compile: true", str(tmp_path)), 4)
