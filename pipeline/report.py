@@ -190,6 +190,21 @@ def progress_bar(total: int, show: bool) -> Any:
     return tqdm(total=total, unit="img", dynamic_ncols=True)
 
 
+def _fixed_cost_lines(report: dict[str, Any]) -> list[str]:
+    """Start-up and finish around the embedding phase, the compile, and the model FLOPs achieved (when known)."""
+    lines = []
+    if report.get("startup_s") is not None:
+        compile_note = report.get("compile") or {}
+        compiled = f"; compiled in {report['compile_s']:.1f} s" if compile_note.get("enabled") else ""
+        imports = report.get("imports_s", 0.0)
+        lines.append(f"- start-up {report['startup_s']:.1f} s (imports {imports:.1f} s{compiled}), "
+                     f"finish {report.get('finish_s', 0.0):.1f} s")
+    if report.get("achieved_tflops") is not None:
+        lines.append(f"- {report['flops_per_image'] / 1e9:.3g} GFLOP per image: {report['achieved_tflops']:.3g} "
+                     "TFLOP/s achieved over the embedding phase")
+    return lines
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     errors = report.get("errors") or {}
     stage = report.get("stage_s", {})
@@ -207,6 +222,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"{sum(errors.values())} errors",
         *([f"- {report['vectors_per_image']:.1f} vectors and {report['embedding_bytes_per_image'] / 1024:.1f} KiB "
            "of embeddings per image"] if report.get("vectors_per_image") else []),
+        *_fixed_cost_lines(report),
         "",
         "| Batch Size | Peak VRAM (allocated) | Peak VRAM (reserved) | Peak host RSS | Processing Time | Images/s |",
         "|---|---|---|---|---|---|",
