@@ -31,6 +31,9 @@ class DecodeResult:
     jpeg: bytes | bytearray | np.ndarray | None = None
     orientation: int = 1  # its EXIF orientation (width and height are already upright)
     path: str | None = None  # set on `jpeg` results, so a file the GPU rejects can go back to a worker
+    # The row's extra columns (pyramid tiles, image_grid_thw) where computed elsewhere: by a Ray embed actor, or
+    # copied from the indexed row of identical bytes; None: the committer asks the encoder (layout.row_extras).
+    extras: dict[str, Any] | None = None
 
 
 @dataclass

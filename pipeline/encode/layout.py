@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 
-from pipeline.config import EncoderConfig
-from pipeline.decode.spec import resized_size
+from pipeline.config import EncoderConfig, parse_pyramid
+from pipeline.decode.spec import InputSpec, input_spec_from_processor, resized_size
 from pipeline.decode.tiles import pyramid_tiles
 from pipeline.errors import ConfigError
 from pipeline.index.schema import FLOAT16, FLOAT32, TILE_TYPE, images_schema
@@ -31,6 +33,20 @@ def wrap_encoder(encoder: Any, config: EncoderConfig) -> Any:
     if getattr(encoder, "multivector", False) or encoder.input_spec().dynamic:
         raise ConfigError(f"encoder.pyramid: tiles need a fixed-size single-vector model; {encoder.kind} is not")
     return PyramidEncoder(encoder, config.pyramid, config.batch_size)
+
+
+def decode_spec(described: Any, config: EncoderConfig) -> InputSpec:
+    """What the decoders must give the encoder, known without its weights (the Ray runner's decode tasks run
+    before any actor has loaded it): the vision-language kinds' own spec, else the image processor's, with the
+    pyramid's tiles; the loaded encoder's input_spec() is the same."""
+    spec = described.spec or input_spec_from_processor(described.processor)
+    return dataclasses.replace(spec, tiles=tuple(parse_pyramid(config.pyramid))) if config.pyramid else spec
+
+
+def groups_images(described: Any, config: EncoderConfig) -> bool:
+    """is_grouped, before the weights load: the vision-language kinds (multi-vector, or dynamic resolution)
+    carry their own input spec, and pyramid tiles make any encoder multi-vector."""
+    return described.spec is not None or bool(config.pyramid)
 
 
 def is_grouped(encoder: Any) -> bool:
@@ -66,6 +82,23 @@ def row_extras(encoder: Any) -> Callable[[DecodeResult], dict[str, Any]] | None:
         return values
 
     return extras
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """What a run that does not hold the encoder (the Ray driver; its actors do) needs of it to commit rows and
+    report: the row schema, the fingerprint, and what vector_sizes reads. Picklable."""
+
+    schema: pa.Schema
+    fingerprint: dict[str, Any]
+    dim: int
+    multivector: bool
+    deepstack_layers: int = 0
+
+
+def row_layout(encoder: Any) -> RowLayout:
+    return RowLayout(row_schema(encoder), encoder.fingerprint(), encoder.dim,
+                     bool(getattr(encoder, "multivector", False)), getattr(encoder, "deepstack_layers", 0))
 
 
 def vector_sizes(encoder: Any, timer: Any) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class ShardCommitter:
                                     ("width", item.width), ("height", item.height)):
                     self._images[name].append(value)
                 if self._extra_names:
-                    extras = self.row_extras(item)  # type: ignore[misc]
+                    extras = item.extras if item.extras is not None else self.row_extras(item)  # type: ignore[misc]
                     for name in self._extra_names:
                         self._images[name].append(extras[name])
                 if key["was_in"] == "errors":

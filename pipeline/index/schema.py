@@ -20,6 +20,9 @@ TILE_TYPE = pa.struct([("level", pa.int8()), ("row", pa.int8()), ("col", pa.int8
 # encoder to the commit (and in the reuse of identical bytes) a row's tokens travel packed, (n, (1 + layers) * dim),
 # the embedding first.
 DEEPSTACK = "deepstack"
+# Per-row columns an encoder adds, computed from the image's size alone (encode/layout.row_extras): identical
+# bytes have identical values, so a reused vector takes them from its indexed row.
+SIZE_EXTRAS = ("tiles", "image_grid_thw")
 
 
 def images_schema(dim: int, vector_type: pa.DataType = FLOAT32, multivector: bool = False,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.index.schema import DEEPSTACK, KEY_COLUMNS, deepstack_of, pack_deepstack, vectors_of
+from pipeline.index.schema import DEEPSTACK, KEY_COLUMNS, SIZE_EXTRAS, deepstack_of, pack_deepstack, vectors_of
 
 # Beyond this many candidate rows the lookup is skipped (and files are simply encoded): a rename
 # detector must not load half the index into memory on a night when everything changed.
@@ -20,6 +21,7 @@ class Known:
     vector: np.ndarray  # (dim,), or (n, dim) for multi-vector rows (packed with DeepStack layers: index.schema)
     width: int
     height: int
+    extras: dict[str, Any] | None = None  # the indexed row's SIZE_EXTRAS columns, where the table has them
 
 
 def candidate_keys(pending: pa.Table, images: pa.Table) -> pa.Table:
@@ -47,10 +49,13 @@ class VectorReuse:
             vectors = vectors_of(known_rows["embedding"])
             if DEEPSTACK in known_rows.column_names:  # as the encoder gives them: packed with their layers
                 vectors = [pack_deepstack(v, layers) for v, layers in zip(vectors, deepstack_of(known_rows[DEEPSTACK]))]
+            extras = [name for name in SIZE_EXTRAS if name in known_rows.column_names]
+            extra_rows = known_rows.select(extras).to_pylist() if extras else None
             for index, (digest, width, height) in enumerate(zip(
                     known_rows["content_hash"].to_pylist(), known_rows["width"].to_pylist(),
                     known_rows["height"].to_pylist())):
-                self._known[digest] = Known(vectors[index], width, height)
+                self._known[digest] = Known(vectors[index], width, height,
+                                            extra_rows[index] if extra_rows is not None else None)
         # size -> hashes of known vectors with that size, sent to the workers with each file
         self._by_size: dict[int, frozenset[str]] = {}
         matching = images.filter(pc.is_in(images["content_hash"], value_set=pa.array(list(self._known), pa.string())))
@@ -79,5 +84,6 @@ def load_known_rows(sink: object, pending: pa.Table, images: pa.Table) -> pa.Tab
     if keys.num_rows == 0 or keys.num_rows > MAX_PRELOADED_VECTORS:
         return pa.table({"content_hash": pa.array([], pa.string()), "width": pa.array([], pa.int32()),
                          "height": pa.array([], pa.int32()), "embedding": pa.array([], pa.list_(pa.float32()))})
-    columns = ["content_hash", "width", "height", "embedding", DEEPSTACK]  # a column the table lacks is left out
+    # a column the table lacks is left out
+    columns = ["content_hash", "width", "height", "embedding", DEEPSTACK, *SIZE_EXTRAS]
     return sink.rows_for_keys(keys, columns)  # type: ignore[attr-defined]

@@ -132,7 +132,7 @@ def _embed(config: Config, model: Model, work: Work, sinks: list[Sink], progress
 
         ray_run = embed_on_ray(config, model.described, work.plan, work.reuse, sinks, progress)
         return Embedding({**model.identity, **ray_run.identity}, None, ray_run.timer, ray_run.committer,
-                         ray_run.model_load_s, ray_run.embed_s, ray_report=ray_run.report)
+                         ray_run.model_load_s, ray_run.embed_s, ray_report=ray_run.report, layout=ray_run.layout)
     return _embed_here(config, model, work, sinks, progress)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import pickle
 import sys
 import time
 import uuid
@@ -18,23 +20,29 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import Config
-from pipeline.decode.spec import input_spec_from_processor
+from pipeline.decode.regions import slot_bytes
+from pipeline.decode.spec import InputSpec
+from pipeline.encode.groups import WINDOW_BATCHES
+from pipeline.encode.layout import RowLayout, decode_spec, groups_images
 from pipeline.encode.models.base import resolve_dtype
 from pipeline.encode.models.source import ModelSource
 from pipeline.encode.stream import EncodeTimer
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ModelLoadError
 from pipeline.index.commit import ShardCommitter
-from pipeline.index.schema import images_schema
+from pipeline.index.identity import index_identity
 from pipeline.index.sinks.base import Sink
 from pipeline.plan.diff import Plan
 from pipeline.plan.reuse import VectorReuse
 from pipeline.records import DecodeResult, Embedded
 from pipeline.report import progress_bar
-from pipeline.runners.ray_stages import KV_NAMESPACE, EmbedActor, decode_block
+from pipeline.runners.ray_actor import EmbedActor, layout_key
+from pipeline.runners.ray_stages import KV_NAMESPACE, decode_block
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_KINDS = ("clip", "siglip", "siglip2", "dinov2")  # fixed-size, one vector per image
+# A decode task's pixels stay within this (fewer files per task than run.ray.decode_files where each is large:
+# a 3x3 pyramid's 10 tiles of 224 px are 1.5 MB a file, a 768-token document page 1.8 MB).
+BLOCK_PIXEL_BYTES = 64 << 20
 # Memory Ray reserves per decode task: a large photo decodes to a few hundred MB before its resize.
 # It also keeps Ray from fusing decode into the embed actors (fused ops must ask for the same resources),
 # which would decode serially inside them.
@@ -47,7 +55,8 @@ class RayRun:
 
     committer: ShardCommitter | None
     timer: EncodeTimer
-    identity: dict[str, Any]  # {"dim": D} once a vector was seen
+    identity: dict[str, Any]  # the actors' encoder fingerprint with the pipeline's options, as the local runner's
+    layout: RowLayout | None  # what the report needs of the encoder the actors held
     embed_s: float
     model_load_s: float
     report: dict[str, Any] = field(default_factory=dict)
@@ -74,12 +83,9 @@ def actor_model_source(config: Config, described: ModelSource) -> ModelSource:
     import torch
 
     _require_ray()
-    if described.kind not in SUPPORTED_KINDS or input_spec_from_processor(described.processor).dynamic:
-        raise ConfigError(f"run.runner: the Ray runner embeds fixed-size single-vector models "
-                          f"({', '.join(SUPPORTED_KINDS)}); {described.kind!r} needs run.runner: local")
-    for key in ("pyramid", "pool_factor"):
-        if getattr(config.encoder, key, None):
-            raise ConfigError(f"encoder.{key}: not available with run.runner: ray yet")
+    if config.encoder.kind == "http":
+        raise ConfigError("encoder.kind: http sends each file to its endpoint, which does the GPU work: "
+                          "Ray's actors would only forward it; use run.runner: local")
     if config.decode.device == "cuda":
         raise ConfigError("decode.device: GPU decode is not available with run.runner: ray; use cpu")
     device = torch.device(actor_device(config))
@@ -154,6 +160,11 @@ def _actor_pool(ray: Any, n_actors: int, device: str) -> Any:
                                       enable_true_multi_threading=True)
 
 
+def files_per_block(spec: InputSpec, decode_files: int) -> int:
+    """run.ray.decode_files, or fewer where a file's pixels are large (BLOCK_PIXEL_BYTES a task)."""
+    return max(1, min(decode_files, BLOCK_PIXEL_BYTES // slot_bytes(spec)))
+
+
 def _plan_blocks(plan: Plan, reuse: VectorReuse, rows_per_block: int) -> list[pa.Table]:
     """The pending files with the content hashes each may reuse, cut into one block per decode task."""
     known = [sorted(hashes) if (hashes := reuse.hashes_for_size(size)) else None
@@ -173,6 +184,7 @@ class _Tally:
         self.nodes: dict[str, dict[str, float]] = {}
         self.gpus: dict[str, dict[str, Any]] = {}
         self.actor_load_s = 0.0
+        self.actor_compile_s = 0.0  # encoder.compile in the actors (part of actor_load_s)
         self.first_ready_at = float("inf")  # wall clock: when the first actor had loaded and warmed up
         self.device = ""
 
@@ -192,6 +204,7 @@ class _Tally:
             self.nodes[worker.split("/")[0]]["encoded"] += int(batch["encoded"][index])
         if len(batch["actor_load_s"]):
             self.actor_load_s = max(self.actor_load_s, float(batch["actor_load_s"].max()))
+            self.actor_compile_s = max(self.actor_compile_s, float(batch["compile_s"].max()))
             self.first_ready_at = min(self.first_ready_at, float(batch["ready_at"].min()))
             self.device = str(batch["device"][0])
 
@@ -208,24 +221,31 @@ class _Tally:
 class _Driver:
     """Turns the rows coming back from the actors into the committer's events; commits in shards."""
 
-    def __init__(self, sinks: list[Sink], model: str, shard_size: int, reuse: VectorReuse) -> None:
-        self.sinks, self.model, self.shard_size, self.reuse = sinks, model, shard_size, reuse
-        self.committer: ShardCommitter | None = None  # made once the first vector gives the dimension
-        self.waiting_errors: list[DecodeResult] = []
+    def __init__(self, sinks: list[Sink], model: str, shard_size: int, reuse: VectorReuse, run_key: str) -> None:
+        self.sinks, self.model, self.shard_size, self.reuse, self.run_key = sinks, model, shard_size, reuse, run_key
+        self.committer: ShardCommitter | None = None  # made with the first batch: an actor has left the layout
+        self.layout: RowLayout | None = None
         self.seen: set[tuple[str, str]] = set()  # a block Ray ran twice must not write its rows twice
         self.timer = EncodeTimer()
-        self.dim: int | None = None
+        self.halvings = 0.0  # the actors' out-of-memory halvings, a share per row
 
-    def _committer(self, dim: int) -> ShardCommitter:
+    def _committer(self) -> ShardCommitter:
+        """Every batch has passed an actor, which left its encoder's row layout in Ray's key-value store first."""
         if self.committer is None:
-            self.dim = dim
-            self.committer = ShardCommitter(self.sinks, images_schema(dim), self.model, self.shard_size)
-            for error in self.waiting_errors:
-                self.committer.add(error)
-            self.waiting_errors.clear()
+            from ray.experimental.internal_kv import _internal_kv_get
+
+            self.layout = pickle.loads(_internal_kv_get(layout_key(self.run_key), namespace=KV_NAMESPACE))
+            self.committer = ShardCommitter(self.sinks, self.layout.schema, self.model, self.shard_size)
         return self.committer
 
+    def _reused(self, key: dict[str, Any], digest: str) -> Embedded:
+        known = self.reuse.lookup(digest)
+        self.timer.reused += 1
+        item = DecodeResult(key, None, None, known.width, known.height, digest, extras=known.extras)
+        return Embedded([item], [known.vector] if self.layout.multivector else known.vector[None, :])
+
     def add(self, batch: dict[str, np.ndarray]) -> int:
+        committer = self._committer()
         embedded: list[DecodeResult] = []
         rows: list[int] = []
         fresh = 0
@@ -239,31 +259,31 @@ class _Driver:
             self.seen.add((key["root"], key["path"]))
             fresh += 1
             self.timer.decode_s += float(batch["decode_s"][index])
+            self.timer.flops += float(batch["flops"][index])
+            self.halvings += float(batch["oom_halvings"][index])
             digest, error = str(batch["content_hash"][index]), str(batch["error"][index])
             if error:
-                result = DecodeResult(key, None, None, error=error)
-                if self.committer is None:
-                    self.waiting_errors.append(result)
-                else:
-                    self.committer.add(result)
+                committer.add(DecodeResult(key, None, None, error=error))
             elif batch["reused"][index]:
-                known = self.reuse.lookup(digest)
-                self.timer.reused += 1
-                item = DecodeResult(key, None, None, known.width, known.height, digest)
-                self._committer(len(known.vector)).add(Embedded([item], known.vector[None, :]))
+                committer.add(self._reused(key, digest))
             else:
+                extras = json.loads(batch["extras"][index]) if batch["extras"][index] else None
                 embedded.append(DecodeResult(key, None, None, int(batch["width"][index]),
-                                             int(batch["height"][index]), digest))
+                                             int(batch["height"][index]), digest, extras=extras))
                 rows.append(index)
         if embedded:
-            vectors = batch["embedding"][rows]
             self.timer.images += len(embedded)
-            self._committer(vectors.shape[1]).add(Embedded(embedded, vectors))
+            self.timer.batch_sizes.append(len(embedded))
+            if self.layout.multivector:
+                vectors: np.ndarray | list[np.ndarray] = [batch["embedding"][row] for row in rows]
+                self.timer.vectors += sum(len(v) for v in vectors)
+            else:
+                vectors = batch["embedding"][rows]
+            committer.add(Embedded(embedded, vectors))
         return fresh
 
     def finish(self) -> ShardCommitter | None:
-        if self.committer is None and self.waiting_errors:  # nothing embedded: the dimension is never needed
-            self._committer(1)
+        self.timer.oom_halvings = round(self.halvings)
         if self.committer is not None:
             self.committer.commit()
         return self.committer
@@ -273,10 +293,15 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
                  progress: bool | None) -> RayRun:
     """Decode and embed the plan's pending files on Ray; commit them here, a shard at a time."""
     settings = config.run.ray
-    spec = input_spec_from_processor(described.processor)
-    blocks = _plan_blocks(plan, reuse, settings.decode_files)
+    spec = decode_spec(described, config.encoder)
+    blocks = _plan_blocks(plan, reuse, files_per_block(spec, settings.decode_files))
+    # Grouped encoders sort each actor call's images by token count (encode.groups): a few batches' worth, as
+    # the local runner's window, so every forward pass is token-homogeneous.
+    grouped = groups_images(described, config.encoder)
+    rows_per_call = config.encoder.batch_size * (WINDOW_BATCHES if grouped else 1)
     show = sys.stderr.isatty() if progress is None else progress
-    driver = _Driver(sinks, described.name, config.run.shard_size, reuse)
+    run_key = uuid.uuid4().hex  # names this run's entries in Ray's key-value store
+    driver = _Driver(sinks, described.name, config.run.shard_size, reuse, run_key)
     tally = _Tally()
     with ray_session(config) as ray:
         from ray.exceptions import RayError
@@ -289,7 +314,6 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
             logging.getLogger("ray.data").setLevel(logging.WARNING)
         n_actors = _n_actors(ray, config)
         decode_tasks = None if config.decode.workers == "auto" else config.decode.workers
-        run_key = uuid.uuid4().hex  # names this run's marks of started blocks in Ray's key-value store
         # The local runner's test hook (pipeline.decode.worker) reaches Ray's decode workers too.
         fault = os.environ.get("EMBINDEX_FAULT")
         started, started_at = time.perf_counter(), time.time()
@@ -303,10 +327,11 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
                          num_cpus=settings.decode_cpus, memory=DECODE_MEMORY,
                          compute=ray.data.TaskPoolStrategy(size=decode_tasks),
                          runtime_env={"env_vars": {"EMBINDEX_FAULT": fault}} if fault else None)
-            .map_batches(EmbedActor, batch_format="numpy", batch_size=config.encoder.batch_size,
+            .map_batches(EmbedActor, batch_format="numpy", batch_size=rows_per_call,
                          compute=_actor_pool(ray, n_actors, actor_device(config)), num_gpus=settings.gpus_per_actor,
                          num_cpus=settings.actor_cpus,
-                         fn_constructor_kwargs={"encoder_config": _encoder_settings(config)})
+                         fn_constructor_kwargs={"encoder_config": _encoder_settings(config), "run_key": run_key,
+                                                "n_images": -(-plan.pending.num_rows // n_actors)})
         )
         if settings.max_queued_mb is not None:  # else decoding may run far ahead of the GPUs on a big store
             options = dataset.context.execution_options  # this dataset's own copy of the context
@@ -322,6 +347,7 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
                 bar.update(driver.add(batch))
                 waited = time.perf_counter()
         except RayError as exc:
+            _raise_config_error(exc)
             raise RuntimeError(f"the Ray job failed: {_first_line(exc)}") from None
         finally:
             bar.close()
@@ -351,10 +377,22 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
                 "gpus": resources.get("GPU", 0), "embed_actors": n_actors, "gpus_per_actor": settings.gpus_per_actor,
                 "decode_cpus": settings.decode_cpus, "decode_files": settings.decode_files,
                 "total_s": total_s, "first_result_s": first_s, "actor_start_s": actor_start_s,
-                "actor_load_s": tally.actor_load_s, **gpus},
+                "actor_load_s": tally.actor_load_s, "actor_compile_s": tally.actor_compile_s, **gpus},
     }
-    identity = {"dim": driver.dim} if driver.dim is not None else {}
-    return RayRun(committer, driver.timer, identity, embed_s, actor_start_s, fields)
+    identity = index_identity(driver.layout.fingerprint, config.encoder) if driver.layout is not None else {}
+    return RayRun(committer, driver.timer, identity, driver.layout, embed_s, actor_start_s, fields)
+
+
+def _raise_config_error(exc: BaseException) -> None:
+    """An actor that found the config wrong (encoder.compile: true for a multi-vector model, encoder.pyramid on
+    a dynamic one) or could not load the model: the same error, and exit code, as the local runner's."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (ConfigError, ModelLoadError)):
+            raise type(cause)(str(cause).strip().splitlines()[-1]) from None
+        cause = getattr(cause, "cause", None) or cause.__cause__
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,4 +1,4 @@
-"""The Ray runner's worker stages: decode tasks on CPUs and the embed actor (one GPU each)."""
+"""The Ray runner's decode tasks: a block of the plan's files -> the encoder's pixels, on CPUs."""
 
 from __future__ import annotations
 
@@ -17,12 +17,14 @@ from pipeline.config import DecodeConfig
 from pipeline.decode import reasons
 from pipeline.decode.image import content_hash, decode_file, read_file
 from pipeline.decode.spec import InputSpec
+from pipeline.decode.tiles import tile_count
 from pipeline.decode.worker import inject_fault  # the same EMBINDEX_FAULT test hook as the local decode pool
 from pipeline.errors import DecodeError
 
 META_COLUMNS = ("root", "path", "size_bytes", "mtime_ns", "attempts", "was_in")
 KV_NAMESPACE = "embindex"  # Ray's key-value store: which blocks a decode task has started
 DEFAULT_MAX_WORKER_MB = DecodeConfig().max_worker_mb  # decode.max_worker_mb's default (decode/limits.py)
+NO_PIXELS = np.zeros((0, 0, 3), np.uint8)  # a dynamic-resolution file without pixels (an error, a reused vector)
 
 
 def node_label() -> str:
@@ -62,11 +64,18 @@ def _started_before(key: str) -> bool:
 
 class _Decoded:
     """The per-file outputs of one block. "" stands for none: Ray turns an object column holding
-    only None into floats."""
+    only None into floats. Pixels as the local decode pool gives them: (H, W, 3) per file, (tiles, H, W, 3)
+    with pyramid tiles, or for dynamic resolution each file its own size (an object column: Ray ships it as
+    a variable-shaped tensor; (0, 0, 3) where a file has none)."""
 
     def __init__(self, n: int, spec: InputSpec) -> None:
-        height, width, _ = spec.output_shape
-        self.pixels = np.zeros((n, height, width, 3), np.uint8)
+        if spec.dynamic:
+            self.pixels = np.empty(n, dtype=object)
+            for index in range(n):
+                self.pixels[index] = NO_PIXELS
+        else:
+            tiles = (tile_count(list(spec.tiles)),) if spec.tiles else ()
+            self.pixels = np.zeros((n, *tiles, *spec.output_shape), np.uint8)
         self.width, self.height = np.zeros(n, np.int32), np.zeros(n, np.int32)
         self.decode_s = np.zeros(n, np.float64)
         self.hashes, self.errors = [""] * n, [""] * n
@@ -118,7 +127,7 @@ def _decode_isolated(rows: list[dict[str, Any]], out: _Decoded, spec: InputSpec,
             if result.reused:
                 out.reused[index] = True
                 continue
-            out.pixels[index] = result.pixels
+            out.pixels[index] = result.pixels.copy() if spec.dynamic else result.pixels  # out of shared memory
             out.width[index], out.height[index] = result.width, result.height
             pool.release(result.slot)
 
@@ -143,68 +152,3 @@ def decode_block(block: pa.Table, spec: InputSpec, max_image_pixels: int, jpeg_d
             "content_hash": np.array(out.hashes, dtype=object), "error": np.array(out.errors, dtype=object),
             "reused": out.reused, "decode_s": out.decode_s,
             "decode_node": np.array([node_label()] * n, dtype=object)}
-
-
-class EmbedActor:
-    """Holds one encoder (on the actor's GPU, or the CPU) and embeds the decoded rows of each batch."""
-
-    def __init__(self, encoder_config: dict[str, Any]) -> None:
-        started = time.perf_counter()
-        import ray
-        import torch
-
-        from pipeline.config import EncoderConfig
-        from pipeline.encode.layout import warm_up
-        from pipeline.encode.models.load import load_encoder
-
-        self.encoder = load_encoder(EncoderConfig(**encoder_config))
-        self.cuda = self.encoder.device.type == "cuda"
-        if self.cuda:  # as in the local runner: CUDA's set-up and the kernels' choice are loading's cost
-            warm_up(self.encoder, encoder_config["batch_size"])
-        gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
-        self.label = f"{node_label()}/gpu{','.join(gpus)}" if gpus else f"{node_label()}/cpu-{os.getpid()}"
-        self.gpu_name = torch.cuda.get_device_name(self.encoder.device) if self.cuda else ""
-        # On a GPU two calls run at once (see ray_driver): one copies its batch in while the other's
-        # forward runs. Each thread copies into its own pinned buffer, so its host-to-device copy is async.
-        self._local = threading.local()
-        self.load_s = time.perf_counter() - started
-        # Wall clock, for the driver: its embedding phase starts when the first actor can embed.
-        self.ready_at = time.time()
-
-    def _staged(self, pixels: np.ndarray) -> Any:
-        import torch
-
-        if not self.cuda:
-            return torch.from_numpy(np.ascontiguousarray(pixels))
-        pinned = getattr(self._local, "pinned", None)
-        if pinned is None or pinned.shape[0] < len(pixels):
-            pinned = self._local.pinned = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-        staged = pinned[:len(pixels)]
-        staged.numpy()[:] = pixels  # a plain memcpy: torch's copy_ would wake its CPU thread pool
-        return staged
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        todo = np.flatnonzero((batch["error"] == "") & ~batch["reused"])
-        n = len(batch["path"])
-        started = time.perf_counter()
-        vectors = np.zeros((n, self.encoder.dim), np.float32)
-        if len(todo):
-            encoded = self.encoder.encode_images(self._staged(batch["pixels"][todo]))
-            vectors[todo] = encoded.to("cpu", torch.float32).numpy()
-        encode_s = time.perf_counter() - started
-        out = {name: value for name, value in batch.items() if name != "pixels"}
-        encoded_mask = np.zeros(n, np.bool_)
-        encoded_mask[todo] = True
-        mb = 1024 * 1024
-        allocated = torch.cuda.max_memory_allocated(self.encoder.device) / mb if self.cuda else 0.0
-        reserved = torch.cuda.max_memory_reserved(self.encoder.device) / mb if self.cuda else 0.0
-        # Per-actor figures ride along as columns (the batch's share per row): the driver adds them up.
-        return {**out, "embedding": vectors, "encoded": encoded_mask,
-                "worker": np.array([self.label] * n, dtype=object),
-                "encode_s": np.full(n, encode_s / n if n else 0.0),
-                "vram_allocated_mb": np.full(n, allocated), "vram_reserved_mb": np.full(n, reserved),
-                "gpu_name": np.array([self.gpu_name] * n, dtype=object), "actor_load_s": np.full(n, self.load_s),
-                "ready_at": np.full(n, self.ready_at),
-                "device": np.array([str(self.encoder.device)] * n, dtype=object)}

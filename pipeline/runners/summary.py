@@ -8,7 +8,7 @@ from typing import Any
 
 from pipeline.decode.feed import Feed
 from pipeline.encode.compiled import CompileChoice
-from pipeline.encode.layout import vector_sizes
+from pipeline.encode.layout import RowLayout, vector_sizes
 from pipeline.encode.models.base import Encoder
 from pipeline.encode.models.source import ModelSource
 from pipeline.encode.stream import EncodeTimer
@@ -57,6 +57,7 @@ class Embedding:
     compile: CompileChoice | None = None  # encoder.compile's decision and compile time (within load_s)
     finish_s: float = 0.0  # after the last commit: identity, tagging the run, ANN maintenance
     ray_report: dict[str, Any] = field(default_factory=dict)
+    layout: RowLayout | None = None  # Ray runs: what the actors' encoder stores per row (for vector_sizes)
 
 
 def run_report(run_id: str, started_at: datetime, wall_s: float, batch_size: int, model: Model, work: Work,
@@ -118,7 +119,7 @@ def run_report(run_id: str, started_at: datetime, wall_s: float, batch_size: int
         "embed_s": embed_s,
         "main_process_cpu_s": embedding.main_cpu_s,
         "images_per_s": written / embed_s if embed_s > 0 else 0.0,
-        **vector_sizes(encoder, timer),
+        **vector_sizes(encoder if encoder is not None else embedding.layout, timer),
         "encode_images_per_s": timer.images / timer.encode_s if timer.encode_s > 0 else 0.0,
         # Model FLOPs (encode/flops.py) against the GPU's limit (an H200: ~790 dense bf16 TFLOP/s): over the whole
         # embedding phase, and over the main thread's time in the encoder alone.
