@@ -1,8 +1,15 @@
-"""Issue 8, item 3: the Ray runner on 1 and 2 GPUs against the local runner, over the same corpus.
+"""The Ray runner on 1, 2 or more GPU actors against the local runner, over the same corpus (issues 8, 20, 22).
 
 On a 2-GPU machine, from the repository root (Ray from carried wheels: scripts/pack_ray_wheels.sh):
 
     python3 scripts/bench_ray.py --synth 40000 --runs local,ray-1gpu,ray-2gpu,ray-1gpu-q1024,ray-2gpu-q1024 \
+        --work /tmp/bench-ray --out "$OUT"
+
+ColNomic-3B (random init) over 2,000 photos of mixed real sizes, the local runner against one GPU actor and
+two actors sharing the one GPU (half a GPU each):
+
+    python3 scripts/bench_ray.py --images .carry/images --mixed 2000 --full-size colnomic-3b --batch-size 16 \
+        --set encoder.max_pixels=602112 --set encoder.min_pixels=3136 --runs local,ray-1gpu,ray-2x0.5gpu \
         --work /tmp/bench-ray --out "$OUT"
 
 Builds full-size random-init CLIP ViT-L/14 (make_full_size_models.py) and a corpus (--synth N photo-like
@@ -42,6 +49,8 @@ def build_corpus(args: argparse.Namespace, folder: Path) -> int:
     if args.images:
         from gpu_report_check import build_corpus as copies_of
 
+        if args.mixed:
+            return mixed_corpus(args.images, args.mixed, folder)
         return copies_of(args.images, args.copies, folder)
     from pipeline.tools.synth import SynthSpec, write_corpus
 
@@ -49,27 +58,63 @@ def build_corpus(args: argparse.Namespace, folder: Path) -> int:
     return write_corpus(folder, SynthSpec(args.synth, 500, 60, 375, 45, "jpeg", seed=8))
 
 
+SCALES = [1.0, 1.5, 2.2, 3.2, 4.5]  # 500x375 photos -> 256..768 tokens of 28x28 after smart_resize
+ASPECTS = [1.0, 0.75, 1.33, 0.6, 1.7]
+
+
+def _mixed_copy(job: tuple[str, str, int]) -> None:
+    """A photo cropped to one of ASPECTS and scaled by one of SCALES (as scripts/bench_colnomic.sh), distinct bytes."""
+    from gpu_report_check import distinct
+    from PIL import Image
+
+    source, target, copy = job
+    image = Image.open(source).convert("RGB")
+    aspect, (width, height) = ASPECTS[copy % len(ASPECTS)], image.size
+    box = (0, 0, int(height * aspect), height) if width / height > aspect else (0, 0, width, int(width / aspect))
+    image = image.crop(box)
+    scale = SCALES[(copy // len(ASPECTS)) % len(SCALES)]
+    image = image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.BICUBIC)
+    image, quality = distinct(image, copy)
+    image.save(target, quality=quality)
+
+
+def mixed_corpus(images: Path, count: int, folder: Path) -> int:
+    """`count` JPEGs of mixed real sizes and aspects made from the photos in `images`."""
+    from multiprocessing import Pool
+
+    sources = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
+    jobs = []
+    for copy in range(-(-count // len(sources))):
+        (folder / f"copy{copy:03d}").mkdir(parents=True, exist_ok=True)
+        jobs += [(str(s), str(folder / f"copy{copy:03d}" / s.name), copy) for s in sources]
+    with Pool() as pool:
+        pool.map(_mixed_copy, jobs[:count], chunksize=8)
+    return min(count, len(jobs))
+
+
 def model_folder(args: argparse.Namespace) -> str:
     if args.model:
         return str(Path(args.model).resolve())
     models = args.work / "models"
-    if not (models / "clip-vit-l14" / "config.json").exists():
+    if not (models / args.full_size / "config.json").exists():
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_full_size_models.py"), str(models),
-                        "--models", "clip-vit-l14"], check=True, capture_output=True)
-    return str(models / "clip-vit-l14")
+                        "--models", args.full_size], check=True, capture_output=True)
+    return str(models / args.full_size)
 
 
-def parse_kind(kind: str) -> tuple[int | None, int | None]:
-    """local -> (None, None); ray-2gpu -> (2, None); ray-2gpu-q2048 -> (2, 2048): actors, run.ray.max_queued_mb."""
+def parse_kind(kind: str) -> tuple[int | None, float, int | None]:
+    """local -> (None, 1, None); ray-2gpu -> (2, 1, None); ray-2x0.5gpu -> (2, 0.5, None) (two actors sharing
+    one GPU); ray-2gpu-q2048 -> (2, 1, 2048): actors, GPUs per actor, run.ray.max_queued_mb."""
     if kind == "local":
-        return None, None
+        return None, 1.0, None
     parts = kind.split("-")
     queued = int(parts[2].removeprefix("q")) if len(parts) > 2 else None
-    return int(parts[1].removesuffix("gpu")), queued
+    actors, _, share = parts[1].removesuffix("gpu").partition("x")
+    return int(actors), float(share or 1), queued
 
 
 def run_config(args: argparse.Namespace, name: str, corpus: Path, model: str, kind: str) -> Path:
-    actors, queued_mb = parse_kind(kind)
+    actors, gpus_per_actor, queued_mb = parse_kind(kind)
     cuda = args.device == "cuda"
     config = {
         "input": {"root": str(corpus)},
@@ -78,10 +123,15 @@ def run_config(args: argparse.Namespace, name: str, corpus: Path, model: str, ki
         "output": {"lancedb": None, "parquet": {"dir": str(args.work / f"{name}-embeddings")}},
         "run": {"report_dir": str(args.work / f"{name}-runs"), "shard_size": 8192},
     }
+    for setting in args.set:  # --set encoder.max_pixels=602112
+        dotted, _, value = setting.partition("=")
+        section, _, key = dotted.partition(".")
+        config.setdefault(section, {})[key] = yaml.safe_load(value)
     if actors is not None:
         config["run"].update(runner="ray", ray={
-            "num_gpu_actors": actors, "gpus_per_actor": 1 if cuda else 0, "actor_cpus": 1 if cuda else 0.5,
-            "decode_cpus": 1 if cuda else 0.5, "object_store_mb": args.object_store_mb, "max_queued_mb": queued_mb})
+            "num_gpu_actors": actors, "gpus_per_actor": gpus_per_actor if cuda else 0,
+            "actor_cpus": 1 if cuda else 0.5, "decode_cpus": 1 if cuda else 0.5,
+            "object_store_mb": args.object_store_mb, "max_queued_mb": queued_mb})
     path = args.work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -141,7 +191,12 @@ def main() -> None:
     source.add_argument("--synth", type=int, help="this many synthetic photo-like JPEGs")
     source.add_argument("--images", type=Path, help="a folder of JPEGs to copy (with --copies)")
     parser.add_argument("--copies", type=int, default=100, help="distinct re-encodes per photo (with --images)")
-    parser.add_argument("--model", help="a model folder instead of the full-size random-init CLIP ViT-L/14")
+    parser.add_argument("--mixed", type=int, help="with --images: this many copies of mixed sizes and aspects "
+                                                  "(scaled x1 to x4.5: document-model inputs) instead of --copies")
+    parser.add_argument("--model", help="a model folder instead of a full-size random-init one")
+    parser.add_argument("--full-size", default="clip-vit-l14",
+                        help="the random-init model scripts/make_full_size_models.py builds (e.g. colnomic-3b)")
+    parser.add_argument("--set", action="append", default=[], help="SECTION.KEY=VALUE in every run's config")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--object-store-mb", type=int, default=None, help="the Ray object store (default Ray's)")
@@ -176,7 +231,10 @@ def main() -> None:
         if one in rate and two in rate:
             ratios[f"{two} / {one} (goal >= 1.8)"] = rate[two] / rate[one]
         if one in rate and "local" in rate:
-            ratios[f"{one} / local (goal >= 0.9)"] = rate[one] / rate["local"]
+            ratios[f"{one} / local (goal >= 0.95)"] = rate[one] / rate["local"]
+    for kind in rate:
+        if "x" in kind.partition("-")[2] and "ray-1gpu" in rate:  # actors sharing one GPU
+            ratios[f"{kind} / ray-1gpu"] = rate[kind] / rate["ray-1gpu"]
     summary = {"files": files, "model": model, "batch_size": args.batch_size, "device": args.device,
                "gpu_name": next((r["gpu_name"] for r in runs.values() if r.get("gpu_name")), None),
                "cpus": os.cpu_count(), "runs": runs, "median_images_per_s": rate, "ratios": ratios}
