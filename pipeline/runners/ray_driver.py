@@ -37,6 +37,7 @@ from pipeline.records import DecodeResult, Embedded
 from pipeline.report import progress_bar
 from pipeline.runners.ray_actor import EmbedActor, layout_key
 from pipeline.runners.ray_stages import KV_NAMESPACE, decode_block
+from pipeline.runners.ray_tally import Tally
 
 log = logging.getLogger(__name__)
 
@@ -177,47 +178,6 @@ def _encoder_settings(config: Config) -> dict[str, Any]:
     return {**config.encoder.model_dump(), "device": actor_device(config)}
 
 
-class _Tally:
-    """Per-node and per-GPU counts for the report."""
-
-    def __init__(self) -> None:
-        self.nodes: dict[str, dict[str, float]] = {}
-        self.gpus: dict[str, dict[str, Any]] = {}
-        self.actor_load_s = 0.0
-        self.actor_compile_s = 0.0  # encoder.compile in the actors (part of actor_load_s)
-        self.first_ready_at = float("inf")  # wall clock: when the first actor had loaded and warmed up
-        self.device = ""
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for node, seconds in zip(batch["decode_node"], batch["decode_s"]):
-            entry = self.nodes.setdefault(node, {"decoded": 0, "decode_s": 0.0, "encoded": 0})
-            entry["decoded"] += 1
-            entry["decode_s"] += float(seconds)
-        for index, worker in enumerate(batch["worker"]):
-            entry = self.gpus.setdefault(worker, {"images": 0, "encode_s": 0.0, "peak_vram_allocated_mb": 0.0,
-                                                  "peak_vram_reserved_mb": 0.0, "gpu_name": batch["gpu_name"][index]})
-            entry["images"] += int(batch["encoded"][index])
-            entry["encode_s"] += float(batch["encode_s"][index])
-            entry["peak_vram_allocated_mb"] = max(entry["peak_vram_allocated_mb"], batch["vram_allocated_mb"][index])
-            entry["peak_vram_reserved_mb"] = max(entry["peak_vram_reserved_mb"], batch["vram_reserved_mb"][index])
-            self.nodes.setdefault(worker.split("/")[0], {"decoded": 0, "decode_s": 0.0, "encoded": 0})
-            self.nodes[worker.split("/")[0]]["encoded"] += int(batch["encoded"][index])
-        if len(batch["actor_load_s"]):
-            self.actor_load_s = max(self.actor_load_s, float(batch["actor_load_s"].max()))
-            self.actor_compile_s = max(self.actor_compile_s, float(batch["compile_s"].max()))
-            self.first_ready_at = min(self.first_ready_at, float(batch["ready_at"].min()))
-            self.device = str(batch["device"][0])
-
-    def report(self, embed_s: float) -> dict[str, Any]:
-        per_s = (lambda n: n / embed_s if embed_s > 0 else 0.0)  # noqa: E731
-        nodes = {node: {**entry, "decoded_per_s": per_s(entry["decoded"]), "encoded_per_s": per_s(entry["encoded"])}
-                 for node, entry in sorted(self.nodes.items())}
-        gpus = {worker: {**entry, "images_per_s": per_s(entry["images"]),
-                         "encode_images_per_s": entry["images"] / entry["encode_s"] if entry["encode_s"] else 0.0}
-                for worker, entry in sorted(self.gpus.items())}
-        return {"per_node": nodes, "per_gpu": gpus}
-
-
 class _Driver:
     """Turns the rows coming back from the actors into the committer's events; commits in shards."""
 
@@ -302,7 +262,7 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
     show = sys.stderr.isatty() if progress is None else progress
     run_key = uuid.uuid4().hex  # names this run's entries in Ray's key-value store
     driver = _Driver(sinks, described.name, config.run.shard_size, reuse, run_key)
-    tally = _Tally()
+    tally = Tally()
     with ray_session(config) as ray:
         from ray.exceptions import RayError
 
@@ -385,14 +345,12 @@ def embed_on_ray(config: Config, described: ModelSource, plan: Plan, reuse: Vect
 
 def _raise_config_error(exc: BaseException) -> None:
     """An actor that found the config wrong (encoder.compile: true for a multi-vector model, encoder.pyramid on
-    a dynamic one) or could not load the model: the same error, and exit code, as the local runner's."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, (ConfigError, ModelLoadError)):
-            raise type(cause)(str(cause).strip().splitlines()[-1]) from None
-        cause = getattr(cause, "cause", None) or cause.__cause__
+    a dynamic one) or could not load the model: the same error, and exit code, as the local runner's. Ray hands
+    back the actor's error as text, its last line "pipeline.errors.ConfigError: <message>"."""
+    name, found, message = _first_line(exc).partition(": ")
+    error = {"ConfigError": ConfigError, "ModelLoadError": ModelLoadError}.get(name.rpartition(".")[2])
+    if found and error is not None:
+        raise error(message) from None
 
 
 def _first_line(exc: BaseException) -> str:

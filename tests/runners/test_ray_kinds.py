@@ -118,3 +118,38 @@ def test_a_killed_actor_of_a_multivector_model_loses_nothing(ray_address: str, t
     _assert_exactly_once(folder, 400)
     rows = _images(folder)
     assert (pa.compute.list_value_length(rows["embedding"]).to_numpy() > 0).all()
+
+
+def test_an_actor_that_finds_the_config_wrong_is_a_config_error(ray_address: str, tmp_path: Path,  # noqa: F811
+                                                               tiny_models: Path) -> None:
+    """encoder.compile: true with a multi-vector model is refused in the actor, as locally: exit code 2."""
+    from pipeline.errors import ConfigError
+
+    model, encoder = KINDS["colqwen2_5"]
+    config = load_config(_config(tmp_path, tiny_models / model, [str(IMAGES)], "ray"),
+                         [f"encoder.{key}={value}" for key, value in encoder.items()] + ["encoder.compile=true"])
+    with pytest.raises(ConfigError, match="^encoder.compile: true needs a fixed-size single-vector encoder"):
+        run_index(config, progress=False, limit=8)
+
+
+def test_a_copied_file_reuses_its_pyramid_row_on_ray(ray_address: str, tmp_path: Path,  # noqa: F811
+                                                     tiny_models: Path) -> None:
+    """A copy of an indexed file takes the vectors and the tiles of its twin's row, without a decode."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for source in sorted(IMAGES.iterdir())[:6]:
+        shutil.copy(source, photos / source.name)
+    model, encoder = KINDS["pyramid"]
+    path = _config(tmp_path / "ray", tiny_models / model, [str(photos)], "ray")
+    overrides = [f"encoder.{key}={value}" for key, value in encoder.items()]
+    assert run_index(load_config(path, overrides), progress=False).report["images_embedded"] == 6
+    first = sorted(photos.iterdir())[0]
+    shutil.copy(first, photos / "copy.jpeg")
+    again = run_index(load_config(path, overrides), progress=False)
+    assert again.exit_code == 0 and again.report["images_reused"] == again.report["images_embedded"] == 1
+    rows = _images(tmp_path / "ray").to_pylist()
+    twin, copy = (next(r for r in rows if r["path"] == name) for name in (first.name, "copy.jpeg"))
+    assert copy["tiles"] == twin["tiles"] and len(copy["tiles"]) == 5
+    assert np.array_equal(np.asarray(copy["embedding"]), np.asarray(twin["embedding"]))
