@@ -150,21 +150,68 @@ def run(config_path: str, overrides: tuple[str, ...], rebuild: bool, retry_error
 
 
 @main.command()
-@click.argument("config_path", metavar="CONFIG", type=click.Path(dir_okay=False))
+@click.argument("config_path", metavar="[CONFIG]", required=False, type=click.Path(dir_okay=False))
 @click.option("--text", help="Search by this text (CLIP and SigLIP families).")
 @click.option("--image", "image_path", type=click.Path(dir_okay=False), help="Search by this image file.")
 @click.option("-k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="How many results.")
 @click.option("--where", help="SQL filter on the table's columns, e.g. \"width > 1000\" or \"path LIKE 'cats/%'\".")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per result line.")
+@click.option("--server", "server_url", metavar="URL",
+              help="Send the query to this running `embindex serve` (no model or index opened here). Without it, "
+                   "CONFIG's serve address is used when a server there searches CONFIG's index.")
+@click.option("--local", "local_only", is_flag=True, help="Search here even when a server answers for CONFIG.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
-def query(config_path: str, text: str | None, image_path: str | None, k: int, where: str | None, as_json: bool,
-          overrides: tuple[str, ...]) -> None:
-    """Top-k search of the built index by text or image."""
+def query(config_path: str | None, text: str | None, image_path: str | None, k: int, where: str | None,
+          as_json: bool, server_url: str | None, local_only: bool, overrides: tuple[str, ...]) -> None:
+    """Top-k search of the built index by text or image, here or through a running `embindex serve`."""
     _setup_logging(quiet=True, verbose=False)
     if (text is None) == (image_path is None):
-        click.echo("embindex: give exactly one of --text or --image", err=True)
-        sys.exit(EXIT_USAGE)
-    config = _load(config_path, overrides)
+        _fail("give exactly one of --text or --image", EXIT_USAGE)
+    if server_url is not None and local_only:
+        _fail("give --server URL or --local, not both", EXIT_USAGE)
+    if config_path is None and server_url is None:
+        _fail("give CONFIG (the index's config), or --server URL of a running `embindex serve`", EXIT_USAGE)
+    config = _load(config_path, overrides) if config_path is not None else None
+    if server_url is None and config is not None and not local_only:
+        server_url = _server_for(config)
+    if server_url is not None:
+        rows, tiles = _query_server(server_url, config, text, image_path, k, where)
+    else:
+        assert config is not None
+        rows, tiles = _query_local(config, text, image_path, k, where)
+    _print_hits(rows, tiles, as_json)
+
+
+def _server_for(config: Config) -> str | None:
+    """The URL of a server at CONFIG's serve address that searches CONFIG's index, else None (search here)."""
+    from pipeline.serve.client import address_url, api_key, serves_index
+
+    lance = config.output.lancedb
+    if lance is None or config.serve.port == 0:
+        return None
+    url = address_url(config.serve.host, config.serve.port)
+    return url if serves_index(url, lance.uri, lance.table, api_key(config.serve.api_key_env)) else None
+
+
+def _query_server(url: str, config: Config | None, text: str | None, image_path: str | None, k: int,
+                  where: str | None) -> tuple[list[dict[str, Any]], bool]:
+    """The hits from the server: exit 2 for what it refuses (4xx; 503, no index there), 1 when it fails or is not
+    reached."""
+    from pipeline.serve.client import ServerError, api_key, query_server
+
+    try:
+        rows, tiles, smoke_test = query_server(url, text, image_path, k, where,
+                                               api_key(config.serve.api_key_env if config else None))
+    except ServerError as exc:
+        refused = exc.status is not None and (400 <= exc.status < 500 or exc.status == 503)
+        _fail(str(exc), EXIT_USAGE if refused else EXIT_FAILED)
+    if smoke_test:
+        click.echo("embindex: SMOKE TEST: the server's model has random weights: the results are meaningless", err=True)
+    return rows, tiles
+
+
+def _query_local(config: Config, text: str | None, image_path: str | None, k: int,
+                 where: str | None) -> tuple[list[dict[str, Any]], bool]:
     from pipeline.index.location import missing_table
 
     if config.output.lancedb is not None and (missing := missing_table(config.output.lancedb.uri,
@@ -178,13 +225,15 @@ def query(config_path: str, text: str | None, image_path: str | None, k: int, wh
             hits = index.search_text(text, k, where) if text is not None else index.search_image(image_path, k, where)
     except (QueryError, NotImplementedError) as exc:
         _fail(str(exc), EXIT_USAGE)
-    rows = hits.to_pylist()
+    return hits.to_pylist(), "tile_level" in hits.column_names  # pyramid-tile index: which tile matched
+
+
+def _print_hits(rows: list[dict[str, Any]], tiles: bool, as_json: bool) -> None:
     if as_json:
         for row in rows:
             click.echo(json.dumps(row, default=str, ensure_ascii=False))
         return
     width = max([len(r["path"]) for r in rows] + [4])
-    tiles = "tile_level" in hits.column_names  # pyramid-tile index: which tile matched
     click.echo(f"{'rank':>4}  {'score':>7}  {'path':<{width}}  " + ("tile (level,row,col)  " if tiles else "") + "root")
     for row in rows:
         where_in = f"({row['tile_level']},{row['tile_row']},{row['tile_col']})" if tiles else ""
@@ -312,7 +361,8 @@ def rollback(config_path: str, run_id: str, overrides: tuple[str, ...]) -> None:
 @click.option("--verbose", "-v", is_flag=True, help="Debug logging.")
 def serve(config_path: str, host: str | None, port: int | None, overrides: tuple[str, ...], quiet: bool,
           verbose: bool) -> None:
-    """Serve CONFIG's encoder as an NVIDIA-NIM-compatible POST /v1/embeddings (needs the [serve] extra)."""
+    """Serve CONFIG's encoder as an NVIDIA-NIM-compatible POST /v1/embeddings, and search of CONFIG's index:
+    POST /v1/search and the search page at / (needs the [serve] extra)."""
     _setup_logging(quiet, verbose)
     try:
         config = load_config(config_path, overrides, require_input=False)

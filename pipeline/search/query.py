@@ -18,21 +18,18 @@ from pipeline.encode.models.base import Encoder
 from pipeline.encode.models.load import load_encoder
 from pipeline.encode.models.source import describe_model
 from pipeline.errors import ConfigError, DecodeError
-from pipeline.index.ann import has_vector_index
 from pipeline.index.identity import check_identity, index_identity
 from pipeline.index.location import missing_table
-from pipeline.index.schema import is_multivector, vectors_of
+from pipeline.index.schema import vectors_of
 from pipeline.index.sinks.lance import key_predicates, sql_string
-
-RESULT_COLUMNS = ["path", "root", "size_bytes", "mtime_ns", "width", "height", "content_hash"]
-
-
-class QueryError(Exception):
-    """A query that cannot run: no index, empty table, unreadable query image."""
+from pipeline.search.settings import RESULT_COLUMNS, Modality, tuned
+from pipeline.search.table import QueryError, SearchTable, TableState
 
 
 class Index:
-    """A built index, opened read-only from its config. Every search sees the last committed state."""
+    """A built index, opened read-only from its config once: the table handle, the encoder (loaded on the first
+    query that needs it) and the model identity check live as long as the `Index`. Every search sees the last
+    committed state (`SearchTable.current`)."""
 
     def __init__(self, config: Config) -> None:
         if config.output.lancedb is None:
@@ -45,23 +42,11 @@ class Index:
         self._described = describe_model(config.encoder)
         # exit 2 on another model or preprocessing
         check_identity(config, index_identity(self._described.identity(), config.encoder), rebuild=False)
+        self._table = SearchTable(config.output.lancedb.uri, config.output.lancedb.table)
 
     @classmethod
     def open(cls, config_path: str | os.PathLike[str], overrides: list[str] | tuple[str, ...] = ()) -> Index:
         return cls(load_config(config_path, overrides))
-
-    # -- the table ------------------------------------------------------------------------
-    def _table(self) -> Any:
-        import lancedb
-
-        uri, name = self.config.output.lancedb.uri, self.config.output.lancedb.table
-        try:
-            table = lancedb.connect(uri).open_table(name)
-        except (ValueError, FileNotFoundError):
-            raise QueryError(f"no index at {uri} (table {name!r}): run `embindex run` first") from None
-        if table.count_rows() == 0:
-            raise QueryError(f"the index at {uri} is empty: no image has been embedded yet")
-        return table
 
     @property
     def encoder(self) -> Encoder:
@@ -70,41 +55,47 @@ class Index:
         return self._encoder
 
     # -- searches -------------------------------------------------------------------------
-    def search_vector(self, vector: np.ndarray | list[float], k: int = 10, where: str | None = None) -> pa.Table:
+    def search_vector(self, vector: np.ndarray | list[float], k: int = 10, where: str | None = None, *,
+                      modality: Modality = "image") -> pa.Table:
         """Top-k rows: rank, score, then the row's columns. Single-vector tables score by cosine; multi-vector
         tables by MaxSim (for each query vector its best cosine in the row, summed; `vector` may be (n, dim)).
-        Pyramid-tile tables also say which tile matched best (tile_level, tile_row, tile_col)."""
-        table = self._table()
+        Pyramid-tile tables also say which tile matched best (tile_level, tile_row, tile_col). `modality`
+        "text" searches with search.text_* settings (a text vector lies farther from every image vector)."""
+        state = self._table.current()
         vectors = np.asarray(vector, dtype=np.float32)
-        multivector = is_multivector(table.schema)
-        if multivector and vectors.ndim == 1:
+        if state.multivector and vectors.ndim == 1:
             vectors = vectors[None, :]
-        elif not multivector and vectors.ndim == 2:
+        elif not state.multivector and vectors.ndim == 2:
             raise QueryError("this index holds one vector per image: give one query vector, not several")
-        query = table.search(vectors, vector_column_name="embedding")
-        query = query.distance_type("cosine").select([*RESULT_COLUMNS, "_distance"]).limit(k)
-        if has_vector_index(table):  # below search.ann_min_rows there is none and search is exact
-            search = self.config.search
-            query = query.nprobes(search.nprobes).ef(search.ef)
-            if search.refine_factor:
-                query = query.refine_factor(search.refine_factor)
-        if where:
-            query = query.where(where, prefilter=True)
         try:
-            hits = query.to_arrow()
-        except Exception as exc:  # a bad --where: LanceDB raises its own error types
-            raise QueryError(f"search failed: {str(exc).splitlines()[0]}") from None
+            hits = self._lance_search(vectors, k, where, state, modality)
+        except QueryError:  # a --rebuild may have replaced the table under this handle: once more, anew
+            state = self._table.renew()
+            hits = self._lance_search(vectors, k, where, state, modality)
         # LanceDB's distance is the sum over query vectors of (1 - best cosine): n_query - MaxSim.
-        n_query = float(len(vectors)) if multivector else 1.0
+        n_query = float(len(vectors)) if state.multivector else 1.0
         scores = pc.subtract(pa.scalar(n_query, pa.float32()), pc.cast(hits["_distance"], pa.float32()))
         ranks = pa.array(range(1, hits.num_rows + 1), pa.int32())
         result = pa.table({"rank": ranks, "score": scores, **{c: hits[c] for c in RESULT_COLUMNS}})
-        if "tiles" in table.schema.names and hits.num_rows:
-            result = _with_best_tiles(table, result, vectors)
+        if state.tiles and hits.num_rows:
+            result = _with_best_tiles(self._table.table, result, vectors)
         return result
 
+    def _lance_search(self, vectors: np.ndarray, k: int, where: str | None, state: TableState,
+                      modality: Modality) -> pa.Table:
+        query = self._table.table.search(vectors, vector_column_name="embedding")
+        query = query.distance_type("cosine").select([*RESULT_COLUMNS, "_distance"]).limit(k)
+        if state.index_type is not None:  # below search.ann_min_rows there is none and search is exact
+            query = tuned(query, state.index_type, self.config.search, modality)
+        if where:
+            query = query.where(where, prefilter=True)
+        try:
+            return query.to_arrow()
+        except Exception as exc:  # a bad --where: LanceDB raises its own error types
+            raise QueryError(f"search failed: {str(exc).splitlines()[0]}") from None
+
     def search_text(self, text: str, k: int = 10, where: str | None = None) -> pa.Table:
-        return self.search_vector(self.encoder.encode_texts([text])[0], k, where)
+        return self.search_vector(self.encoder.encode_texts([text])[0], k, where, modality="text")
 
     def search_image(self, image: str | os.PathLike[str] | Image.Image, k: int = 10,
                      where: str | None = None) -> pa.Table:
@@ -146,7 +137,8 @@ class Index:
                 relative = path.resolve().relative_to(Path(root).resolve()).as_posix()
             except ValueError:
                 continue
-            rows = (self._table().search().where(f"root = {sql_string(root)} AND path = {sql_string(relative)}")
+            self._table.current()
+            rows = (self._table.table.search().where(f"root = {sql_string(root)} AND path = {sql_string(relative)}")
                     .select(["size_bytes", "mtime_ns", "embedding"]).limit(1).to_arrow())
             if rows.num_rows and rows["size_bytes"][0].as_py() == stat.st_size \
                     and rows["mtime_ns"][0].as_py() == stat.st_mtime_ns:

@@ -1,170 +1,37 @@
-"""The HTTP routes: POST /v1/embeddings, GET /v1/models, /v1/health/ready, /v1/health/live and /metrics."""
+"""The HTTP routes: POST /v1/embeddings, GET /v1/models, /v1/health/ready, /v1/health/live, /metrics; search's."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import numpy as np
-from prometheus_client import Gauge
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from pipeline.encode.models.base import Encoder
-from pipeline.serve.batching import Batcher
+from pipeline.serve.bodies import (
+    CLIENT_GONE,
+    Admission,
+    ClientGone,
+    check_key,
+    error_response,
+    read_body,
+    unless_gone,
+)
 from pipeline.serve.errors import ApiError
-from pipeline.serve.images import Decoded, DecodeWorkers, Failed
-from pipeline.serve.metrics import Metrics
-from pipeline.serve.parse import EmbedRequest, Limits, parse_request
-from pipeline.serve.responses import TokenCounter, image_response, render, text_response
+from pipeline.serve.images import Decoded, Failed
+from pipeline.serve.parse import EmbedRequest, parse_request
+from pipeline.serve.responses import image_response, render, text_response
+from pipeline.serve.search_routes import search_routes
+from pipeline.serve.state import ServerState
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-CLIENT_GONE = 499  # nginx's status for a client that closed its connection first; counted, never sent
-
-
-class ClientGone(Exception):
-    """The client closed its connection before its answer was ready."""
-
-
-class ByteBudget:
-    """Request bytes admitted and not yet answered, over all requests (touched on the event loop only)."""
-
-    def __init__(self, limit: int, gauge: Gauge) -> None:
-        self.limit, self.used, self.gauge = limit, 0, gauge
-
-    def take(self, n: int) -> None:
-        if self.used + n > self.limit:
-            raise ApiError(429, f"busy: {self.used} bytes of requests in flight, {n} more would pass "
-                                f"{self.limit} (serve.max_inflight_bytes); retry shortly", "server_busy")
-        self.used += n
-        self.gauge.set(self.used)
-
-    def give(self, n: int) -> None:
-        self.used -= n
-        self.gauge.set(self.used)
-
-
-class Admission:
-    """One request's share of the budget: taken before its body is read, given back when it ends, however."""
-
-    def __init__(self, budget: ByteBudget) -> None:
-        self.budget, self.held = budget, 0
-
-    def take(self, n: int) -> None:
-        self.budget.take(n)
-        self.held += n
-
-    def close(self) -> None:
-        self.budget.give(self.held)
-        self.held = 0
-
-
-@dataclass
-class ServerState:
-    encoder: Encoder
-    batcher: Batcher
-    decoders: DecodeWorkers
-    metrics: Metrics
-    model_name: str  # the id served in /v1/models
-    model_names: set[str]  # ids a request may name: the served id and encoder.model as configured
-    limits: Limits
-    max_body_bytes: int
-    max_queued_images: int
-    api_key: str | None
-    budget: ByteBudget
-    tokens: TokenCounter
-    body_timeout_s: float
-    in_flight_images: int = 0
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def embeds_text(self) -> bool:
-        return getattr(self.encoder, "tokenizer", None) is not None
-
-
-def _check_key(request: Request, state: ServerState) -> None:
-    if state.api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.api_key.encode()):
-        raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", "invalid_api_key")
-
-
-def _declared_length(request: Request, limit: int) -> int | None:
-    declared = request.headers.get("content-length")
-    if declared is None:
-        return None
-    if not declared.isdigit():
-        raise ApiError(400, f"Content-Length: not a number ({declared!r})", "invalid_request")
-    if int(declared) > limit:
-        raise ApiError(413, f"the body is {int(declared)} bytes, at most {limit} (serve.max_body_bytes)",
-                       "body_too_large")
-    return int(declared)
-
-
-async def _receive(request: Request, limit: int, admission: Admission, declared: int | None) -> bytearray:
-    """The body's chunks into one buffer: of the declared size at once (appending reallocated and copied the
-    buffer ~50 times for 60 MB, on the event loop), else joined at the end, each chunk admitted as it arrives."""
-    if declared is None:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"the body is over {limit} bytes (serve.max_body_bytes)", "body_too_large")
-            admission.take(len(chunk))
-            chunks.append(chunk)
-        return bytearray().join(chunks)
-    body, size = bytearray(declared), 0
-    with memoryview(body) as view:
-        async for chunk in request.stream():  # h11 holds the body to its Content-Length
-            view[size:size + len(chunk)] = chunk
-            size += len(chunk)
-    return body
-
-
-async def _read_body(request: Request, state: ServerState, admission: Admission) -> bytearray:
-    """The body, admitted to the byte budget from its Content-Length before it is read (a chunked one as it
-    arrives); 413 past serve.max_body_bytes, 408 when it is not all there within serve.body_timeout_s."""
-    declared = _declared_length(request, state.max_body_bytes)
-    admission.take(declared or 0)
-    try:
-        return await asyncio.wait_for(_receive(request, state.max_body_bytes, admission, declared),
-                                      state.body_timeout_s)
-    except asyncio.TimeoutError:  # TimeoutError from Python 3.11; a distinct class on 3.10
-        raise ApiError(408, f"the body did not arrive within {state.body_timeout_s:g} s (serve.body_timeout_s)",
-                       "body_timeout") from None
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection (the body is read: the next ASGI message says so)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_gone(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """work's result; if the client leaves first, work is cancelled (its images and rows dropped), ClientGone."""
-    task, watcher = asyncio.ensure_future(work), asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        gone = not task.done()
-        if gone:
-            task.cancel()
-    if gone:
-        await asyncio.gather(task, return_exceptions=True)  # its finally blocks give back what it held
-        raise ClientGone
-    return task.result()
 
 
 def _stack(decoded: list[Decoded], image_list: bool) -> np.ndarray | list[np.ndarray]:
@@ -219,25 +86,19 @@ async def _embed_texts(state: ServerState, request: EmbedRequest) -> bytes:
         lambda: render(text_response(state.model_name, vectors, n_tokens, request.encoding_format)))
 
 
-def _error_response(exc: ApiError) -> Response:
-    headers = {429: {"Retry-After": "1"}, 401: {"WWW-Authenticate": "Bearer"},
-               408: {"Connection": "close"}}.get(exc.status)  # 408: the half-sent body's connection is freed
-    return JSONResponse(exc.body(), exc.status, headers=headers)
-
-
 async def _respond(request: Request, state: ServerState, admission: Admission) -> tuple[Response, str]:
     """The answer to POST /v1/embeddings and its kind (image, text, invalid); every step that reads the whole body
     or every input runs off the event loop, so /v1/health/live answers while a large request is handled."""
     kind = "invalid"
     try:
-        _check_key(request, state)
-        body = await _read_body(request, state, admission)
+        check_key(request, state.api_key)
+        body = await read_body(request, admission, state.max_body_bytes, state.body_timeout_s)
         parsed = await asyncio.to_thread(parse_request, body, state.limits, state.model_names, state.encoder.dim)
         kind = "image" if parsed.images else "text"
         work = _admitted_images(state, parsed) if parsed.images else _embed_texts(state, parsed)
-        return Response(await _unless_gone(request, work), media_type="application/json"), kind
+        return Response(await unless_gone(request, work), media_type="application/json"), kind
     except ApiError as exc:
-        return _error_response(exc), kind
+        return error_response(exc), kind
     except (ClientDisconnect, ClientGone):  # nobody to answer: not a fault, no traceback
         log.debug("the client went away before its answer (a %s request)", kind)
         return Response(status_code=CLIENT_GONE), kind
@@ -262,16 +123,16 @@ def create_app(state: ServerState) -> Starlette:
 
     async def models(request: Request) -> Response:
         try:
-            _check_key(request, state)
+            check_key(request, state.api_key)
         except ApiError as exc:
-            return JSONResponse(exc.body(), exc.status, headers={"WWW-Authenticate": "Bearer"})
+            return error_response(exc)
         fingerprint = state.encoder.fingerprint()
         entry = {
             "id": state.model_name, "object": "model", "created": state.created, "owned_by": "embindex",
             "root": fingerprint["model"],
             "embindex": {"dim": state.encoder.dim, "fingerprint": fingerprint, "max_items": state.limits.max_items,
                          "modalities": ["image", "text"] if state.embeds_text else ["image"],
-                         "smoke_test": bool(getattr(state.encoder, "smoke_test", False))},
+                         "smoke_test": state.smoke_test},
         }
         return JSONResponse({"object": "list", "data": [entry]})
 
@@ -297,6 +158,8 @@ def create_app(state: ServerState) -> Starlette:
         state.batcher.stop()
         state.decoders.close()
         state.tokens.close()
+        if state.search is not None:
+            state.search.close()
 
     return Starlette(
         routes=[
@@ -305,6 +168,7 @@ def create_app(state: ServerState) -> Starlette:
             Route("/v1/health/ready", ready, methods=["GET"]),
             Route("/v1/health/live", live, methods=["GET"]),
             Route("/metrics", prometheus, methods=["GET"]),
+            *search_routes(state),  # POST /v1/search, the thumbnail and image routes, the page at /
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,

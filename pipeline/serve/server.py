@@ -14,12 +14,16 @@ from pipeline.decode.setup import usable_cores
 from pipeline.encode.models.load import load_encoder
 from pipeline.encode.models.source import describe_model
 from pipeline.errors import ConfigError
-from pipeline.serve.app import ByteBudget, ServerState, create_app
+from pipeline.serve.app import create_app
 from pipeline.serve.batching import Batcher
+from pipeline.serve.bodies import ByteBudget
 from pipeline.serve.images import DecodeWorkers
+from pipeline.serve.links import Links
 from pipeline.serve.metrics import Metrics
 from pipeline.serve.parse import Limits
 from pipeline.serve.responses import TokenCounter
+from pipeline.serve.searcher import SearchService
+from pipeline.serve.state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +47,8 @@ def _api_key(config: Config) -> str | None:
 
 
 def build_state(config: Config) -> ServerState:
-    """Everything the app needs, started: a model that cannot be served is a ConfigError (exit 2)."""
+    """Everything the app needs, started: a model that cannot be served is a ConfigError (exit 2). The config's
+    index (output.lancedb) is opened for search; without one the server embeds and says why search is unavailable."""
     if config.encoder.kind == "http":
         raise ConfigError("encoder.kind: 'http' cannot be served (it is itself a client of a server); "
                           "set encoder.model to a local model")
@@ -68,7 +73,8 @@ def build_state(config: Config) -> ServerState:
     return ServerState(encoder, batcher, decoders, metrics, name, {name, config.encoder.model}, limits,
                        serve.max_body_bytes, serve.max_queued_images, api_key,
                        budget=ByteBudget(serve.inflight_bytes, metrics.inflight_bytes),
-                       tokens=TokenCounter(getattr(encoder, "tokenizer", None)), body_timeout_s=serve.body_timeout_s)
+                       tokens=TokenCounter(getattr(encoder, "tokenizer", None)), body_timeout_s=serve.body_timeout_s,
+                       search=SearchService(config, Links(api_key)))
 
 
 def is_loopback(host: str) -> bool:

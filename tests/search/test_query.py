@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.config import SearchConfig
 from pipeline.search.query import Index, QueryError
 from tests.conftest import HOSTILE, IMAGES, REPO, run_cli, write_config
 
@@ -119,16 +120,44 @@ def test_query_while_a_run_is_writing(tmp_path: Path, tiny_models: Path) -> None
     assert writer.returncode == 0, writer.stderr
 
 
-def test_an_ann_index_is_built_past_the_threshold_and_used(tmp_path: Path, tiny_models: Path) -> None:
+def test_an_ann_index_is_built_past_the_threshold_and_used(tmp_path: Path, tiny_models: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     import lancedb
 
-    from pipeline.index.ann import has_vector_index
+    from pipeline.index.ann import INDEX_TYPES, vector_index_type
+    from pipeline.search import query
 
     config = write_config(tmp_path, str(IMAGES), str(tiny_models / "clip"), search={"ann_min_rows": 300})
     assert run_cli("run", str(config), "--quiet").returncode == 0
     report = json.loads(sorted((tmp_path / "runs").glob("*/report.json"))[-1].read_text())
-    assert report["index_maintenance"]["action"] == "built IVF_PQ"
-    assert has_vector_index(lancedb.connect(str(tmp_path / "index")).open_table("images"))
-    index = Index.open(config)
+    built = INDEX_TYPES[SearchConfig().ann_index]
+    assert report["index_maintenance"]["action"] == f"built {built}"
+    assert vector_index_type(lancedb.connect(str(tmp_path / "index")).open_table("images")) == built
+    index = Index.open(config, ["search.text_nprobes=7"])
+    used = []
+    real_tuned = query.tuned
+    monkeypatch.setattr(query, "tuned", lambda q, kind, search, modality: used.append((kind, modality))
+                        or real_tuned(q, kind, search, modality))
     for path in sorted(IMAGES.iterdir())[::40]:
         assert index.search_image(path, k=3)["path"][0].as_py() == path.name
+    assert index.search_text("a dog", k=3).num_rows == 3
+    assert set(used) == {(built, "image"), (built, "text")} and used[-1] == (built, "text")
+
+
+def test_an_open_index_sees_later_runs_through_the_same_handle(tmp_path: Path, tiny_models: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    sources = sorted(IMAGES.iterdir())
+    for source in sources[:12]:
+        shutil.copy(source, photos / source.name)
+    config = write_config(tmp_path, "./photos", str(tiny_models / "clip"))
+    assert run_cli("run", str(config), "--quiet").returncode == 0
+    index = Index.open(config)
+    handle = index._table.table
+    assert index.search_image(photos / sources[0].name, k=50).num_rows == 12
+    for source in sources[12:20]:
+        shutil.copy(source, photos / source.name)
+    assert run_cli("run", str(config), "--quiet").returncode == 0
+    hits = index.search_image(photos / sources[15].name, k=50)
+    assert hits.num_rows == 20 and hits["path"][0].as_py() == sources[15].name
+    assert index._table.table is handle  # one handle for the Index's life
