@@ -94,6 +94,25 @@ def _wait_for_rows(folder: Path, at_least: int, timeout_s: float = 120) -> int:
     raise AssertionError(f"no {at_least} committed rows within {timeout_s} s")
 
 
+def run_killing(config: object, folder: Path, stages: tuple[str, ...]) -> tuple[object, dict[str, int]]:
+    """run_index, SIGKILLing one worker process of each stage once the first shard is committed."""
+    killed: dict[str, int] = {}
+
+    def kill_workers() -> None:
+        killed["rows_before"] = _wait_for_rows(folder, 1)
+        for stage in stages:
+            pids = _worker_pids(stage)
+            if pids:
+                os.kill(pids[0], signal.SIGKILL)
+                killed[stage] = pids[0]
+
+    killer = threading.Thread(target=kill_workers, daemon=True)
+    killer.start()
+    result = run_index(config, progress=False)
+    killer.join(timeout=5)
+    return result, killed
+
+
 def test_ray_runner_writes_the_local_runners_rows(ray_address: str, tmp_path: Path, tiny_models: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Photos and hostile files, one of which kills its decoder: the same rows, vectors and errors."""
@@ -140,20 +159,7 @@ def test_a_killed_ray_worker_loses_nothing(ray_address: str, tmp_path: Path, tin
     monkeypatch.setenv(*next(iter(SLOW.items())))
     folder = tmp_path / "index-root"
     config = load_config(_config(folder, tiny_models / "clip", [str(IMAGES)], "ray"))
-    killed: dict[str, int] = {}
-
-    def kill_workers() -> None:
-        killed["rows_before"] = _wait_for_rows(folder, 1)
-        for stage in ("EmbedActor", "decode_block"):
-            pids = _worker_pids(stage)
-            if pids:
-                os.kill(pids[0], signal.SIGKILL)
-                killed[stage] = pids[0]
-
-    killer = threading.Thread(target=kill_workers, daemon=True)
-    killer.start()
-    result = run_index(config, progress=False)
-    killer.join(timeout=5)
+    result, killed = run_killing(config, folder, ("EmbedActor", "decode_block"))
 
     assert "EmbedActor" in killed and killed["rows_before"] < 400, killed
     assert result.exit_code == 0 and result.report["images_embedded"] == 400

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +19,8 @@ from tests.runners.test_ray import (
     _assert_exactly_once,
     _config,
     _images,
-    _wait_for_rows,
-    _worker_pids,
     ray_address,  # noqa: F401 - the module's Ray, shared
+    run_killing,
 )
 
 pytest.importorskip("ray.data")
@@ -99,21 +95,9 @@ def test_a_killed_actor_of_a_multivector_model_loses_nothing(ray_address: str, t
     model, encoder = KINDS["colqwen2_5"]
     config = load_config(_config(folder, tiny_models / model, [str(IMAGES)], "ray"),
                          [f"encoder.{key}={value}" for key, value in encoder.items()])
-    killed: dict[str, int] = {}
+    result, killed = run_killing(config, folder, ("EmbedActor",))
 
-    def kill_actor() -> None:
-        killed["rows_before"] = _wait_for_rows(folder, 1)
-        pids = _worker_pids("EmbedActor")
-        if pids:
-            os.kill(pids[0], signal.SIGKILL)
-            killed["actor"] = pids[0]
-
-    killer = threading.Thread(target=kill_actor, daemon=True)
-    killer.start()
-    result = run_index(config, progress=False)
-    killer.join(timeout=5)
-
-    assert "actor" in killed and killed["rows_before"] < 400, killed
+    assert "EmbedActor" in killed and killed["rows_before"] < 400, killed
     assert result.exit_code == 0 and result.report["images_embedded"] == 400
     _assert_exactly_once(folder, 400)
     rows = _images(folder)
