@@ -54,6 +54,18 @@ def test_a_type_change_rebuilds_and_new_rows_are_folded_in(tmp_path: Path) -> No
     assert len(images.list_indices()) == 1
 
 
+def test_a_table_grown_twofold_since_the_build_is_rebuilt(tmp_path: Path) -> None:
+    images = table(tmp_path)
+    search = SearchConfig(ann_min_rows=100)
+    assert maintain(images, search, DIM)["action"] == "built IVF_SQ"
+    assert (tmp_path / "index" / "images.ann.json").is_file()
+    images.add(rows(500, 600, np.random.default_rng(1)))
+    assert maintain(images, search, DIM)["action"] == "compacted"  # 1,100 rows: under twice the 600 built
+    images.add(rows(100, 1100, np.random.default_rng(2)))
+    assert maintain(images, search, DIM)["action"] == "rebuilt IVF_SQ: 600 rows at the last build, 1200 now"
+    assert maintain(images, search, DIM)["action"] == "compacted"
+
+
 def test_the_default_is_ivf_sq() -> None:
     assert SearchConfig().ann_index == "ivf_sq"
 
